@@ -33,7 +33,10 @@ def ring_size(window_size: int, expand_size: int) -> int:
 def focal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v. q: (B, G, Lq, hd); k, v: (B, G, Lk, hd); bias broadcastable to (B, G, Lq, Lk)."""
+    """softmax(q k^T * scale + bias) v.
+
+    q: (B, G, Lq, hd); k, v: (B, G, Lk, hd); bias broadcastable to (B, G, Lq, Lk).
+    """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
 
 

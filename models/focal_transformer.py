@@ -239,7 +239,10 @@ def _scaled(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
 
 
 def expand_sizes_of_blocks(depth: int, expand_size: int, expand_layer: str) -> list[int]:
-    """Ring width of each block of a stage. 'even' expands only odd-index blocks, 'odd' only even ones (released naming)."""
+    """Ring width of each block of a stage.
+
+    Released naming: 'even' expands only odd-index blocks, 'odd' only even-index ones.
+    """
     if expand_layer not in EXPAND_LAYERS:
         raise ValueError(f"expand_layer must be one of {EXPAND_LAYERS}, got {expand_layer!r}")
     skipped_parity = {"all": None, "even": 0, "odd": 1}[expand_layer]

@@ -7,7 +7,6 @@ names) and ``no_weight_decay_keywords()`` (substrings) hooks, such as position t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -92,5 +91,5 @@ def scale_learning_rates(config: CfgNode, world_size: int) -> tuple[float, float
     factor = total_batch / _REFERENCE_BATCH
     train = config.TRAIN
     scaled = (train.BASE_LR * factor, train.WARMUP_LR * factor, train.MIN_LR * factor)
-    _logger.log(logging.INFO, "total batch %d: lr scaled by %g to %s", total_batch, factor, scaled)
+    _logger.info("total batch %d: lr scaled by %g to %s", total_batch, factor, scaled)
     return scaled
