@@ -1,8 +1,9 @@
 """An embedded, deterministic and learnable 10-class image set for demos and smoke tests.
 
-Each class is a shape drawn large at a random position, filled with a texture that belongs to the class;
-colours, size, position, a small rotation and background noise are nuisances. Shape and texture both
-survive crops, flips, rotations and colour inversions, so a tiny model learns the set in minutes on a CPU.
+Each class is a shape drawn large at a random position, filled with a texture and a hue that belong to the
+class; the exact colours, size, position, a small rotation and the background are nuisances. The three
+cues are redundant (shape and texture survive crops, flips, rotations and colour inversions, the hue
+survives crops and geometry), so a tiny model learns the set in minutes on a CPU.
 
 The images are written once, in the ImageNet folder layout (``train/<class>/*.JPEG``, ``val/...``), into a
 folder named after the generation parameters. Several processes (torchrun ranks) may ask for the set at
@@ -12,6 +13,7 @@ poll for the completion marker inside it.
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import os
 import shutil
@@ -152,21 +154,25 @@ def _shape_mask(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(mask) > 127
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random (foreground, texture, background) colours; the background differs clearly in brightness
-    from the foreground, the texture is the foreground shifted 90 levels towards mid-grey."""
-    bright = rng.uniform(150, 255, size=3)
-    dark = rng.uniform(0, 100, size=3)
-    if rng.random() < 0.5:
-        return bright, bright - 90, dark
-    return dark, dark + 90, bright
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, saturation, value))
+
+
+def _colours(label: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground, texture, background) colours: the foreground is saturated and has the hue of the class,
+    the texture is a darker shade of it, the background a dull colour of random hue, dark or light."""
+    hue = (label / len(_CLASSES) + rng.uniform(-0.02, 0.02)) % 1.0
+    foreground = _hsv(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
+    brightness = rng.uniform(0.05, 0.3) if rng.random() < 0.5 else rng.uniform(0.8, 1.0)
+    background = _hsv(rng.random(), rng.uniform(0.0, 0.3), brightness)
+    return foreground, 0.45 * foreground, background
 
 
 def render_toy_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one RGB image of class ``label`` (an index into ``TOY_CLASSES``)."""
     shape, pattern = _CLASSES[label]
     mask = _shape_mask(shape, size, rng)
-    fg, alt, bg = _colours(rng)
+    fg, alt, bg = _colours(label, rng)
     y, x = np.mgrid[0:size, 0:size].astype(float)
     texture = pattern(x, y, size / 8 * rng.uniform(0.85, 1.15), rng)[..., None]  # (H, W, 1)
     foreground = texture * fg + (1 - texture) * alt

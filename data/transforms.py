@@ -3,11 +3,18 @@
 Deviations from the released code, both for inputs larger than the model's (e.g. the 64 px toy set
 trained at 32 px): at IMG_SIZE <= 32 training resizes to IMG_SIZE before ``RandomCrop(padding=4)``, and
 evaluation always resizes (the released code assumed 32 px CIFAR-like inputs there).
+
+timm's RandAugment asks Pillow to posterize to 0 bits (a black image) when the sampled magnitude reaches
+its maximum; recent Pillow (13 here) rejects 0 bits with a ValueError that would stop a run at random. The
+augmentation ops of the training transform are given a posterize that keeps timm's 0-bit result.
 """
 
 from __future__ import annotations
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from collections.abc import Iterator
+
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
 from yacs.config import CfgNode
@@ -20,6 +27,25 @@ SMALL_IMG_SIZE = 32
 
 def _optional(value: str) -> str | None:
     return None if value in ("", "none") else value
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize op, with 0 bits giving the black image older Pillow gave (Pillow 13 raises)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform: transforms.Compose) -> Iterator[auto_augment.AugmentOp]:
+    """The ops of the RandAugment / AutoAugment / AugMix stages of ``transform``."""
+    for stage in transform.transforms:
+        if isinstance(stage, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            yield from stage.ops
+        elif isinstance(stage, auto_augment.AutoAugment):
+            for sub_policy in stage.policy:
+                yield from sub_policy
 
 
 def _train_transform(config: CfgNode) -> transforms.Compose:
@@ -36,6 +62,9 @@ def _train_transform(config: CfgNode) -> transforms.Compose:
         re_count=aug.RECOUNT,
         interpolation=config.DATA.INTERPOLATION,
     )
+    for op in _augment_ops(transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
     if size <= SMALL_IMG_SIZE:
         interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
         transform.transforms[0] = transforms.Compose(

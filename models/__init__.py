@@ -3,6 +3,7 @@
 from .build import build_model, model_kwargs_from_config
 from .checkpoint_loading import CheckpointMismatchError, check_state_dict, load_official_weights
 from .focal_transformer import FocalTransformer
+from .focal_transformer_v2 import FocalTransformerV2
 from .registry import FOCAL_VARIANTS, create_variant, register_variants
 
 register_variants()
@@ -11,6 +12,7 @@ __all__ = [
     "FOCAL_VARIANTS",
     "CheckpointMismatchError",
     "FocalTransformer",
+    "FocalTransformerV2",
     "build_model",
     "check_state_dict",
     "create_variant",

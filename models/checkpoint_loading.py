@@ -1,9 +1,13 @@
 """Strict loading of released-layout state dicts into our models.
 
-Released v1 checkpoints also store derived buffers (index tables, ring selections, shift masks). Ours are
-rebuilt from the configuration (non-persistent), so each stored one is compared with what the model
-computes: a difference means the checkpoint belongs to another configuration, and is an error. Every
-other key must match a parameter or persistent buffer by name and shape.
+Released checkpoints also store derived buffers (v1 index tables and ring selections, shift masks). Ours are
+rebuilt from the configuration (non-persistent; modules list the released ones with ``released_buffers()``), so
+each stored one is compared with what the model computes: a difference means the checkpoint belongs to another
+configuration, and is an error. Every other key must match a parameter or persistent buffer by name and shape.
+
+Some buffers cannot be rebuilt and are loaded (v2's top-K key indices record torch.topk's tie-breaks). A module
+holding such buffers checks the checkpoint's values with ``loaded_buffer_problems(buffers) -> {name: reason}``
+(its own buffers, by local name, shapes already matching); any reason is an error.
 """
 
 from __future__ import annotations
@@ -29,6 +33,23 @@ def released_derived_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return buffers
 
 
+def loaded_buffer_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """'key: reason' for every persistent buffer in ``state_dict`` that its module refuses."""
+    problems = []
+    for name, module in model.named_modules():
+        check = getattr(module, "loaded_buffer_problems", None)
+        if not callable(check):
+            continue
+        prefix = f"{name}." if name else ""
+        own = {
+            key: state_dict[prefix + key]
+            for key, buffer in module.named_buffers(recurse=False)
+            if prefix + key in state_dict and state_dict[prefix + key].shape == buffer.shape
+        }
+        problems += [f"{prefix}{key}: {reason}" for key, reason in check(own).items()]
+    return problems
+
+
 def _summarise(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -37,8 +58,8 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validate ``state_dict`` against ``model``; return the entries to load (derived buffers removed).
 
-    Raises CheckpointMismatchError naming missing / unexpected keys, shape mismatches, and derived
-    buffers that differ from what the model computes.
+    Raises CheckpointMismatchError naming missing / unexpected keys, shape mismatches, derived buffers that
+    differ from what the model computes, and loaded buffers that their modules refuse.
     """
     derived = released_derived_buffers(model)
     expected = model.state_dict()
@@ -57,6 +78,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         for k, v in to_load.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    invalid = loaded_buffer_problems(model, to_load)
     problems = []
     if missing:
         problems.append(f"missing keys: {_summarise(missing)}")
@@ -66,6 +88,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         problems.append(f"shape mismatches: {_summarise(shapes)}")
     if wrong_derived:
         problems.append(f"derived buffers differ from this configuration: {_summarise(wrong_derived)}")
+    if invalid:
+        problems.append(f"invalid buffers: {_summarise(invalid)}")
     if problems:
         raise CheckpointMismatchError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     return to_load

@@ -17,6 +17,7 @@ Deviations from the released code (none change an output of a configuration the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,12 @@ def pool_map(x: torch.Tensor, method: str, layer: nn.Module | None, level: Poole
 
 
 class FocalBlock(nn.Module):
-    """Focal attention + MLP, pre-norm residual block. x: (B, H, W, C) -> (B, H, W, C)."""
+    """Focal attention + MLP, pre-norm residual block. x: (B, H, W, C) -> (B, H, W, C).
+
+    The attention is built and called through ``_build_attention`` / ``_attend`` and the configuration
+    checked by ``_check_config``: the v2 block (focal_transformer_v2.py) overrides those three and the
+    per-window attention FLOPs, and shares the rest.
+    """
 
     def __init__(
         self,
@@ -127,10 +133,6 @@ class FocalBlock(nn.Module):
         H, W = input_resolution
         if min(H, W) <= window_size:  # one window covers the map (released rule, note the <=)
             window_size, expand_size, shift_size = min(H, W), 0, 0
-        if expand_size > window_size:
-            raise ValueError(f"expand size {expand_size} is larger than the window {window_size} (res {H}x{W})")
-        if focal_level <= 0:
-            expand_size = 0
         self.input_resolution = (H, W)
         self.window_size = window_size
         self.expand_size = expand_size
@@ -141,13 +143,10 @@ class FocalBlock(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.dim = dim
         num_pooled = focal_level - 1 if pool_method != "none" and focal_level > 1 else 0
-        if num_pooled and focal_window % 2 == 0:
-            raise ValueError(f"focal window must be odd, got {focal_window}")
-        if shift_size and (H % window_size or W % window_size):
-            raise ValueError(
-                f"use_shift needs stage resolutions that are multiples of the window: {H}x{W} with window {window_size}"
-            )
         self.num_pooled_levels = num_pooled
+        self._check_config()
+        if focal_level <= 0:
+            self.expand_size = 0
 
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
@@ -157,24 +156,42 @@ class FocalBlock(nn.Module):
         pool_layers = [make_pool_layer(pool_method, dim, math.floor(window_size / 2**k)) for k in range(num_pooled)]
         self.pool_layers = nn.ModuleList(layer for layer in pool_layers if layer is not None)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = FocalWindowAttention(
-            dim,
-            num_heads,
-            window_size,
-            expand_size,
-            focal_window,
-            num_pooled,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=drop,
-        )
+        self.attn = self._build_attention(num_heads, qkv_bias, qk_scale, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        key_index, key_mask = self._key_layout(H, W)
+
+    def _check_config(self) -> None:
+        """Refuse, with the reason, configurations on which the released v1 block crashes."""
+        (H, W), ws = self.input_resolution, self.window_size
+        if self.expand_size > ws:
+            raise ValueError(f"expand size {self.expand_size} is larger than the window {ws} (res {H}x{W})")
+        if self.num_pooled_levels and self.focal_window % 2 == 0:
+            raise ValueError(f"focal window must be odd, got {self.focal_window}")
+        if self.shift_size and (H % ws or W % ws):
+            raise ValueError(
+                f"use_shift needs stage resolutions that are multiples of the window: {H}x{W} with window {ws}"
+            )
+
+    def _build_attention(
+        self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float
+    ) -> nn.Module:
+        """The focal window attention, and the key layout buffers (at the block's resolution) it reads."""
+        key_index, key_mask = self._key_layout(*self.input_resolution)
         self.register_buffer("key_index", key_index, persistent=False)
         self.register_buffer("key_mask", key_mask, persistent=False)
+        return FocalWindowAttention(
+            self.dim,
+            num_heads,
+            self.window_size,
+            self.expand_size,
+            self.focal_window,
+            self.num_pooled_levels,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+        )
 
     def _padded(self, H: int, W: int) -> tuple[int, int]:
         ws = self.window_size
@@ -196,29 +213,33 @@ class FocalBlock(nn.Module):
         """norm1'd map (B, H, W, C) -> attention output (B, H, W, C): pad, shift, pool, attend, undo."""
         _, H, W, _ = x.shape
         Hp, Wp = self._padded(H, W)
-        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # zeros right/bottom, never masked
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # zeros right/bottom, never masked
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         pooled = [
             pool_map(x, self.pool_method, self.pool_layers[k] if self.pool_layers else None, level)
             for k, level in enumerate(pooled_level(Hp, Wp, self.window_size, k) for k in range(self.num_pooled_levels))
         ]
-        if (H, W) == self.input_resolution:
-            key_index, key_mask = self.key_index, self.key_mask
-        else:
-            key_index, key_mask = (t.to(x.device) for t in self._key_layout(H, W))
-        x = self.attn(x, pooled, key_index, key_mask)
+        x = self._attend(x, pooled)
         if self.shift_size:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         return x[:, :H, :W]
+
+    def _attend(self, x: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """Attention of the padded, shifted map (B, Hp, Wp, C) given its pooled maps; same shape out."""
+        if x.shape[1:3] == self._padded(*self.input_resolution):
+            key_index, key_mask = self.key_index, self.key_mask
+        else:  # another input size: the layout depends only on the padded size
+            key_index, key_mask = (t.to(x.device) for t in self._key_layout(*x.shape[1:3]))
+        return self.attn(x, pooled, key_index, key_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(_scaled(self._attention(self.norm1(x)), self.gamma_1))
         return x + self.drop_path(_scaled(self.mlp(self.norm2(x)), self.gamma_2))
 
-    def flops(self) -> float:
-        """Released analytic count (with its approximations: see SEMANTICS.md, 'model.flops() quirks')."""
-        H, W = self.input_resolution
+    def _attention_flops_per_window(self) -> int:
+        """Released count of one window's attention: qkv, q k^T and attn v over window, ring and pooled keys, proj."""
         ws, dim, nH = self.window_size, self.dim, self.attn.num_heads
         n = ws * ws
         per_window = n * dim * 3 * dim + 2 * nH * n * (dim // nH) * n + n * dim * dim
@@ -226,7 +247,13 @@ class FocalBlock(nn.Module):
             per_window += 2 * nH * n * (dim // nH) * self.focal_window**2
         if self.expand_size:
             per_window += 2 * nH * n * (dim // nH) * ((ws + 2 * self.expand_size) ** 2 - ws**2)
-        n_windows = H * W / ws / ws
+        return per_window
+
+    def flops(self) -> float:
+        """Released analytic count (with its approximations: see SEMANTICS.md, 'model.flops() quirks')."""
+        H, W = self.input_resolution
+        ws, dim = self.window_size, self.dim
+        n_windows, per_window = H * W / ws / ws, self._attention_flops_per_window()
         flops = 2 * dim * H * W + n_windows * per_window + 2 * H * W * dim * dim * self.mlp_ratio
         for k in range(self.num_pooled_levels):
             cell = math.floor(ws / 2**k)
@@ -266,6 +293,7 @@ class FocalStage(nn.Module):
         downsample: bool,
         use_conv_embed: bool = False,
         use_pre_norm: bool = False,
+        block_fn: Callable[..., FocalBlock] = FocalBlock,
         **block_kwargs,
     ) -> None:
         super().__init__()
@@ -273,7 +301,7 @@ class FocalStage(nn.Module):
         self.grad_checkpointing = False
         expand = expand_sizes_of_blocks(depth, expand_size, expand_layer)
         self.blocks = nn.ModuleList(
-            FocalBlock(
+            block_fn(
                 dim,
                 input_resolution,
                 num_heads,
@@ -330,7 +358,10 @@ def stage_resolutions(img_size: int, patch_size: int, num_stages: int, use_conv_
 
 
 class FocalTransformer(nn.Module):
-    """Focal Transformer v1. Keyword arguments are those of the released constructor."""
+    """Focal Transformer v1. Keyword arguments are those of the released constructor.
+
+    ``block_fn`` (not a released argument) builds the blocks; FocalTransformerV2 passes its own.
+    """
 
     def __init__(
         self,
@@ -363,6 +394,8 @@ class FocalTransformer(nn.Module):
         use_layerscale: bool = False,
         layerscale_value: float = 1e-4,
         use_pre_norm: bool = False,
+        *,
+        block_fn: Callable[..., FocalBlock] = FocalBlock,
     ) -> None:
         super().__init__()
         if focal_pool not in POOL_METHODS:
@@ -399,6 +432,7 @@ class FocalTransformer(nn.Module):
                     downsample=i < self.num_layers - 1,
                     use_conv_embed=use_conv_embed,
                     use_pre_norm=use_pre_norm,
+                    block_fn=block_fn,
                     focal_level=focal_levels[i],
                     focal_window=focal_windows[i],
                     pool_method=focal_pool if i in focal_stages else "none",

@@ -12,6 +12,7 @@ from timm.models import register_model
 from torch import nn
 
 from .focal_transformer import FocalTransformer
+from .focal_transformer_v2 import FocalTransformerV2
 
 # Shared by every released v1 variant: focal level 2 with fc pooling, focal windows 7/5/3/1, ring 3.
 _FOCAL_RECIPE = dict(
@@ -30,7 +31,7 @@ _SIZES = {
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
 }
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"focal": FocalTransformer}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"focal": FocalTransformer, "focalv2": FocalTransformerV2}
 
 FOCAL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
 for _size, _args in _SIZES.items():
@@ -38,6 +39,11 @@ for _size, _args in _SIZES.items():
     FOCAL_VARIANTS[f"focal_{_size}_useconv_patch4_window7_224"] = (
         "focal",
         dict(_FOCAL_RECIPE, **_args, use_conv_embed=True),
+    )
+for _size, _args in _SIZES.items():  # focal-fast (v2): released only with conv embedding, 128 keys per level
+    FOCAL_VARIANTS[f"focalv2_{_size}_useconv_patch4_window7_224"] = (
+        "focalv2",
+        dict(_FOCAL_RECIPE, **_args, use_conv_embed=True, focal_topK=128),
     )
 
 

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from utils.logger import get_logger
 from yacs.config import CfgNode
+
+from utils.logger import get_logger
 
 __all__ = ["build_optimizer", "param_groups_weight_decay", "scale_learning_rates"]
 
@@ -28,9 +29,7 @@ def _model_name_set(model: nn.Module, hook: str) -> set[str]:
     return set(method()) if callable(method) else set()
 
 
-def _skips_weight_decay(
-    name: str, param: nn.Parameter, skip_names: set[str], skip_keywords: Iterable[str]
-) -> bool:
+def _skips_weight_decay(name: str, param: nn.Parameter, skip_names: set[str], skip_keywords: Iterable[str]) -> bool:
     return (
         param.ndim <= 1
         or name.endswith(".bias")

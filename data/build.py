@@ -1,0 +1,166 @@
+"""Datasets, samplers and loaders of a training run, built from the config.
+
+Training order comes from ``DistributedSampler(shuffle=True, seed=SEED)`` even on one process, so it is
+reproducible and resumable with ``set_epoch``. Evaluation is exact: every validation image is counted
+exactly once whatever the world size (``ShardedEvalSampler``, no padding, no dropped last batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from yacs.config import CfgNode
+
+from .datasets import FolderDataset, ImageDataset, ZipDataset
+from .samplers import ShardedEvalSampler, ShardedTrainSampler
+from .toy import toy_data_path
+from .transforms import build_mixup, build_transform
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("imagenet", "toy")
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs from the data side."""
+
+    dataset_train: ImageDataset
+    dataset_val: ImageDataset
+    loader_train: DataLoader
+    loader_val: DataLoader
+    sampler_train: DistributedSampler | ShardedTrainSampler  # call set_epoch(epoch) every epoch
+    mixup_fn: Mixup | None
+    num_classes: int
+
+
+def _data_root(config: CfgNode) -> str:
+    """The folder that holds train/ and val/ (or the zip files), checked to exist."""
+    if config.DATA.DATASET not in DATASETS:
+        raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {config.DATA.DATASET!r}")
+    if config.DATA.DATASET == "toy":
+        if config.DATA.ZIP_MODE:
+            raise ValueError("DATA.ZIP_MODE is not supported with DATA.DATASET 'toy' (a folder dataset)")
+        return str(toy_data_path(config))
+    path = config.DATA.DATA_PATH
+    if not path:
+        raise ValueError("DATA.DATA_PATH is empty: set it to the dataset root (or use --data-path)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"DATA.DATA_PATH {path} does not exist or is not a folder")
+    return path
+
+
+def _build_split(is_train: bool, config: CfgNode, rank: int, world_size: int) -> ImageDataset:
+    """The train or val split in the layout the config names, with its transform."""
+    split = "train" if is_train else "val"
+    root = _data_root(config)
+    transform = build_transform(is_train, config)
+    if config.DATA.ZIP_MODE:
+        return ZipDataset(
+            os.path.join(root, f"{split}.zip"),
+            os.path.join(root, f"{split}_map.txt"),
+            transform,
+            config.DATA.SKIP_CORRUPT,
+            config.DATA.CACHE_MODE,
+            rank,
+            world_size,
+        )
+    return FolderDataset(os.path.join(root, split), transform, config.DATA.SKIP_CORRUPT)
+
+
+def _check_num_classes(dataset: ImageDataset, config: CfgNode) -> None:
+    if dataset.num_classes != config.MODEL.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the dataset has {dataset.num_classes} "
+            f"classes ({len(dataset)} images)"
+        )
+
+
+def _check_same_classes(train: ImageDataset, val: ImageDataset) -> None:
+    """Labels only line up when both splits have the same classes."""
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    if only_train or only_val:
+        raise ValueError(f"train and val classes differ: only in train {only_train}, only in val {only_val}")
+
+
+def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[ImageDataset, int]:
+    """One split and its number of classes, checked against MODEL.NUM_CLASSES.
+
+    ``rank`` and ``world_size`` only matter for DATA.CACHE_MODE 'part' (which shard to cache).
+    """
+    dataset = _build_split(is_train, config, rank, world_size)
+    _check_num_classes(dataset, config)
+    return dataset, dataset.num_classes
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``numpy`` and ``random`` of a loader worker from torch's per-worker seed.
+
+    Augmentations draw from all three generators; without this, forked workers share numpy's state.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _train_sampler(
+    config: CfgNode, dataset: ImageDataset, rank: int, world_size: int
+) -> DistributedSampler | ShardedTrainSampler:
+    """A shuffle over all ranks, or over this rank's shard when only that shard is cached."""
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+        return ShardedTrainSampler(dataset, rank, world_size, seed=config.SEED)
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED)
+
+
+def _loader(config: CfgNode, dataset: ImageDataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+    workers = config.DATA.NUM_WORKERS
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=config.DATA.BATCH_SIZE,
+        num_workers=workers,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+    )
+
+
+def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
+    """Both splits with their samplers and loaders for process ``rank`` of ``world_size``, and Mixup."""
+    dataset_train = _build_split(True, config, rank, world_size)
+    dataset_val = _build_split(False, config, rank, world_size)
+    _check_same_classes(dataset_train, dataset_val)
+    _check_num_classes(dataset_train, config)
+    mixup_fn = build_mixup(config)
+    if mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
+        raise ValueError(f"Mixup/CutMix need an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+    sampler_train = _train_sampler(config, dataset_train, rank, world_size)
+    sampler_val = ShardedEvalSampler(dataset_val, rank, world_size)
+    logger.info(
+        "data: %d train / %d val images, %d classes; rank %d of %d gets %d / %d",
+        len(dataset_train),
+        len(dataset_val),
+        dataset_train.num_classes,
+        rank,
+        world_size,
+        len(sampler_train),
+        len(sampler_val),
+    )
+    return DataBundle(
+        dataset_train=dataset_train,
+        dataset_val=dataset_val,
+        loader_train=_loader(config, dataset_train, sampler_train, drop_last=True),
+        loader_val=_loader(config, dataset_val, sampler_val, drop_last=False),
+        sampler_train=sampler_train,
+        mixup_fn=mixup_fn,
+        num_classes=dataset_train.num_classes,
+    )

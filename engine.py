@@ -1,0 +1,216 @@
+"""The training and evaluation loops: one epoch of training, exact distributed evaluation, throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from utils.amp import GradientStepper
+from utils.distributed import all_reduce_sum
+from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the epoch and step."""
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides the model and data; ``global_step`` counts optimizer steps."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stepper: GradientStepper
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    accumulation_steps: int = 1
+    clip_grad: float = 0.0
+    print_freq: int = 10
+    skip_nonfinite: bool = False
+    global_step: int = 0
+    skipped_steps: int = 0
+    metrics: MetricsWriter | None = None
+    should_stop: Callable[[], bool] = field(default=lambda: False)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.amp autocast for ``dtype`` on ``device``'s type (a no-op context when dtype is None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _loss_is_finite_everywhere(loss: torch.Tensor) -> bool:
+    """True when every rank's loss is finite (all ranks must take the same branch)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    return all_reduce_sum(bad).item() == 0
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return 0.0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    state: TrainState,
+    epoch: int,
+    num_epochs: int,
+    mixup_fn: Callable | None,
+    logger: logging.Logger,
+    start_step: int = 0,
+) -> dict:
+    """Train one epoch (from micro-step ``start_step``); returns train loss, lr, images/s, epoch time.
+
+    Gradients are accumulated over ``accumulation_steps`` micro-batches; DDP synchronises only on the
+    last one (``no_sync``). A non-finite loss stops training (NonFiniteLossError) unless
+    ``skip_nonfinite``, which drops that optimizer step on every rank.
+    """
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    accum = state.accumulation_steps
+    num_steps = len(loader)
+    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    images = 0
+    start = end = time.time()
+    for step, (samples, targets) in enumerate(loader, start=start_step):
+        samples = samples.to(state.device, non_blocking=True)
+        targets = targets.to(state.device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        update = (step + 1) % accum == 0
+        sync = model.no_sync() if hasattr(model, "no_sync") and not update else contextlib.nullcontext()
+        with sync:
+            with autocast(state.device, state.amp_dtype):
+                outputs = model(samples)
+            loss = state.criterion(outputs.float(), targets)
+            if not _loss_is_finite_everywhere(loss):
+                if not state.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch} step {step} (global step {state.global_step}); "
+                        "set TRAIN.SKIP_NONFINITE True to skip such steps"
+                    )
+                logger.warning("skipping step %d of epoch %d: non-finite loss", step, epoch)
+                state.optimizer.zero_grad(set_to_none=True)
+                state.skipped_steps += 1
+                continue
+            grad_norm = state.stepper(
+                loss / accum, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
+            )
+        if update:
+            state.global_step += 1
+            state.scheduler.step_update(state.global_step)
+        loss_meter.update(loss.item(), targets.size(0))
+        if grad_norm is not None:
+            norm_meter.update(float(grad_norm))
+        images += samples.size(0)
+        time_meter.update(time.time() - end)
+        end = time.time()
+        lr = state.optimizer.param_groups[0]["lr"]
+        if step % state.print_freq == 0 or step == num_steps - 1:
+            eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - step - 1)))
+            logger.info(
+                f"Train: [{epoch}/{num_epochs}][{step}/{num_steps}]\teta {eta} lr {lr:.6f}\t"
+                f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\tloss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\tmem {_memory_mb(state.device):.0f}MB"
+            )
+            if state.metrics is not None:
+                state.metrics.add_scalars(
+                    state.global_step,
+                    {"train/loss": loss_meter.val, "train/lr": lr, "train/grad_norm": norm_meter.val},
+                )
+        if state.should_stop():
+            logger.info("stop requested: leaving epoch %d after step %d", epoch, step)
+            break
+    epoch_time = time.time() - start
+    return {
+        "train_loss": loss_meter.avg,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": norm_meter.avg,
+        "epoch_time": epoch_time,
+        "images_per_s": images / max(epoch_time, 1e-9),
+        "steps_done": step + 1 if num_steps else start_step,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    logger: logging.Logger,
+) -> dict:
+    """Top-1/top-5 and loss over the whole split: per-rank sums all-reduced, every image counted once."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images
+    for samples, targets in loader:
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+        outputs = outputs.float()
+        correct = accuracy_counts(outputs, targets, topk=(1, min(5, outputs.shape[1])))
+        totals += torch.stack(
+            [
+                correct[0].double(),
+                correct[1].double(),
+                criterion(outputs, targets).double(),
+                torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
+            ]
+        )
+    all_reduce_sum(totals)
+    correct1, correct5, loss_sum, count = totals.tolist()
+    count = max(count, 1.0)
+    result = {
+        "acc1": 100.0 * correct1 / count,
+        "acc5": 100.0 * correct5 / count,
+        "loss": loss_sum / count,
+        "num_images": int(totals[3].item()),
+    }
+    logger.info(
+        f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
+        f"on {result['num_images']} images"
+    )
+    return result
+
+
+@torch.no_grad()
+def measure_throughput(
+    model: nn.Module,
+    batch_size: int,
+    img_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    logger: logging.Logger,
+    warmup: int = 10,
+    iterations: int = 30,
+) -> float:
+    """Inference images/s on synthetic input (no dataset needed): warm-up, then timed batches."""
+    model.eval()
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    for _ in range(warmup):
+        with autocast(device, amp_dtype):
+            model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.time()
+    for _ in range(iterations):
+        with autocast(device, amp_dtype):
+            model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    throughput = iterations * batch_size / (time.time() - start)
+    logger.info(f"batch_size {batch_size} img_size {img_size}: throughput {throughput:.1f} images/s")
+    return throughput

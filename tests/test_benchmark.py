@@ -1,0 +1,46 @@
+"""tools/benchmark.py runs end to end on a tiny configuration and reports every field (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from tools import benchmark
+
+TINY = '{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}'
+FOCAL = "focal_tiny_patch4_window7_224"
+SWIN = "swin_tiny_patch4_window7_224"
+
+
+def test_benchmark_writes_json_with_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [
+        *("--models", FOCAL, "--baseline", SWIN, "--batch-size", "1", "--img-size", "64", "--threads", "2"),
+        *("--mode", "infer,train", "--warmup", "0", "--iters", "1", "--no-memory", "--num-classes", "10"),
+        *("--model-kwargs", TINY, "--json", str(out)),
+    ]
+    benchmark.main(argv)
+    report = json.loads(out.read_text())
+    assert report["settings"]["models"] == [FOCAL] and report["settings"]["baseline"] == [SWIN]
+    assert {"torch", "timm", "threads"} <= set(report["environment"])
+    assert [r["mode"] for r in report["results"]] == ["infer", "train"]
+    for result in report["results"]:
+        assert set(result) == set(benchmark.Result.__dataclass_fields__)
+        assert result["images_per_s"] > 0 and result["baseline_images_per_s"] > 0 and result["speed_ratio"] > 0
+        assert len(result["times_s"]) == len(result["baseline_times_s"]) == 1
+
+
+def test_peak_memory_is_measured_in_a_subprocess():
+    settings = benchmark.BenchSettings(
+        models=[FOCAL], baseline=[SWIN], img_size=[64], mode=["train"], batch_size=1, threads=2, warmup=0,
+        num_classes=10, model_kwargs=json.loads(TINY),
+    )
+    peak = benchmark.measure_peak_memory(FOCAL, "train", 64, settings)
+    assert peak is not None and peak > 0
+
+
+def test_paper_table_preset_compares_focal_and_swin_at_three_resolutions():
+    settings = benchmark.settings_from_args(benchmark.parse_args(["--preset", "paper-table"]))
+    groups = benchmark.comparison_groups(settings)
+    assert [baseline for _, baseline in groups] == [f"swin_{s}_patch4_window7_224" for s in ("tiny", "small", "base")]
+    assert settings.img_size == [224, 448, 896] and settings.device == "cuda"
+    assert [settings.batch_for(size) for size in settings.img_size] == [64, 16, 4]

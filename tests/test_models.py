@@ -1,0 +1,402 @@
+"""Every registered variant builds, runs and trains; full-size variants match the released counts and layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from golden import FIXTURES
+
+import config
+import models
+from models import FocalTransformer, build_model, create_variant, model_kwargs_from_config
+from models.checkpoint_loading import released_derived_buffers
+from tools.model_table import COLUMNS, build_row, main, to_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = list(models.FOCAL_VARIANTS)
+
+# name -> (parameters, model.flops()) of the released models (the paper's 28.9M / 4.9G etc.).
+RELEASED = {
+    "focal_tiny_patch4_window7_224": (28_880_380, 4_924_284_672),
+    "focal_small_patch4_window7_224": (51_141_940, 9_431_553_792),
+    "focal_base_patch4_window7_224": (89_815_400, 16_370_725_888),
+    "focal_tiny_useconv_patch4_window7_224": (30_825_244, 5_170_849_536),
+    "focal_small_useconv_patch4_window7_224": (53_086_804, 9_678_118_656),
+    "focal_base_useconv_patch4_window7_224": (93_268_712, 16_795_816_960),
+}
+
+# Small overrides per model type, on top of head dim 8 and at most 2 blocks per stage (both block parities).
+# v1 at 64 px: stage maps 16/8/4/2, i.e. padded windows with a ring, then shrunk windows. v2 does not pad, so its
+# stage maps must be multiples of the window.
+TINY_BY_TYPE = {
+    "focal": dict(img_size=64),
+    "focalv2": dict(img_size=64, window_size=4, focal_topK=16),
+}
+TINY_DEFAULT = dict(img_size=64, window_size=4)
+# Types whose blocks accept maps of another size than they were built for (v2's top-K indices are fixed).
+RESIZABLE_TYPES = {"focal"}
+
+
+def tiny_kwargs(name: str) -> dict:
+    model_type, args = models.FOCAL_VARIANTS[name]
+    return dict(
+        TINY_BY_TYPE.get(model_type, TINY_DEFAULT),
+        embed_dim=8 * args["num_heads"][0],
+        depths=[min(depth, 2) for depth in args["depths"]],
+        drop_path_rate=0.0,
+        num_classes=10,
+    )
+
+
+def tiny_model(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(tiny_kwargs(name), **overrides))
+
+
+# A small v1 configuration with every window larger than 1 and no window shrink at 64 or 96 px, so its
+# parameters do not depend on the input size: stage maps 16/8/4 (64 px) or 24/12/6 (96 px) with window 2.
+SIZE_FREE = dict(
+    img_size=64,
+    embed_dim=8,
+    depths=(2, 2, 1),
+    num_heads=(1, 2, 2),
+    window_size=2,
+    expand_sizes=(1, 1, 1),
+    focal_levels=(3, 2, 2),
+    focal_windows=(3, 3, 1),
+    use_shift=True,
+    num_classes=5,
+    drop_path_rate=0.0,
+)
+
+
+# ---- every registered variant, at a tiny size -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_forward_shape(name):
+    model = tiny_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_backward_reaches_every_parameter(name):
+    model = tiny_model(name).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    not_finite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    all_zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    assert not not_finite, f"non-finite gradients: {not_finite}"
+    assert not all_zero, f"parameters that do not reach the loss: {all_zero}"
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if models.FOCAL_VARIANTS[n][0] in RESIZABLE_TYPES])
+def test_variant_runs_at_another_input_size(name):
+    """Built for 64 px, evaluated at 96 px: each block computes the key layout of the new size."""
+    model = tiny_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 96))
+    assert out.shape == (1, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if models.FOCAL_VARIANTS[n][0] not in RESIZABLE_TYPES])
+def test_fixed_size_variant_refuses_another_input_size(name):
+    model = tiny_model(name).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="24x24"):
+        model(torch.randn(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_timm_create_model_refuses_unknown_kwarg(name):
+    with pytest.raises(TypeError, match="window_sizes"):
+        timm.create_model(name, **tiny_kwargs(name), window_sizes=7)
+
+
+def test_create_variant_refuses_unknown_kwarg():
+    with pytest.raises(TypeError, match="focal_level\\b"):
+        create_variant(VARIANTS[0], focal_level=3)
+
+
+def test_every_variant_is_in_timms_registry():
+    assert set(VARIANTS) <= set(timm.list_models("focal*"))
+    model = timm.create_model(VARIANTS[0], **tiny_kwargs(VARIANTS[0]))
+    assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.parametrize("create", [timm.create_model, create_variant], ids=["timm", "create_variant"])
+def test_pretrained_true_is_a_clear_error(create):
+    with pytest.raises(ValueError, match="load_official_weights"):
+        create(VARIANTS[0], pretrained=True)
+
+
+# ---- full-size released variants: counts and state_dict layout ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=list(RELEASED))
+def full_model(request) -> tuple[str, torch.nn.Module]:
+    return request.param, timm.create_model(request.param)
+
+
+def test_released_variants_are_registered():
+    assert set(RELEASED) <= set(VARIANTS)
+
+
+def test_full_size_parameter_count(full_model):
+    name, model = full_model
+    assert sum(p.numel() for p in model.parameters()) == RELEASED[name][0]
+
+
+def test_full_size_flops(full_model):
+    name, model = full_model
+    assert model.flops() == RELEASED[name][1]
+
+
+def test_full_size_state_dict_matches_released_manifest(full_model):
+    """Parameters, persistent buffers and the derived buffers a released checkpoint holds: names, shapes, dtypes."""
+    name, model = full_model
+    manifest = json.loads((FIXTURES / "state_dict_keys" / f"{name}.json").read_text())
+    expected = {key: (tuple(shape), kind, dtype) for key, shape, kind, dtype in manifest["keys"]}
+    params = dict(model.named_parameters())
+    ours = {
+        key: (tuple(value.shape), "param" if key in params else "buffer", str(value.dtype).removeprefix("torch."))
+        for key, value in {**model.state_dict(), **released_derived_buffers(model)}.items()
+    }
+    assert sorted(set(ours) - set(expected)) == []
+    assert sorted(set(expected) - set(ours)) == []
+    assert {k: v for k, v in ours.items() if v != expected[k]} == {}
+
+
+def test_full_size_parameter_order_is_released(full_model):
+    """Same order as the released named_parameters(), so released optimizer states line up."""
+    name, model = full_model
+    manifest = json.loads((FIXTURES / "state_dict_keys" / f"{name}.json").read_text())
+    released = [key for key, _, kind, _ in manifest["keys"] if kind == "param"]
+    assert [key for key, _ in model.named_parameters()] == released
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_config_file_gives_the_registered_variant_arguments(name):
+    cfg = config.get_default_config()
+    config.merge_config_file(cfg, str(REPO / "configs" / f"{name.removesuffix('_patch4_window7_224')}.yaml"))
+    assert cfg.MODEL.NAME == name
+    kwargs = model_kwargs_from_config(cfg)
+    for key, value in models.FOCAL_VARIANTS[name][1].items():
+        assert kwargs[key] == (list(value) if isinstance(value, tuple) else value), key
+
+
+def test_build_model_from_focal_tiny_config_is_the_registered_variant():
+    cfg = config.get_default_config()
+    config.merge_config_file(cfg, str(REPO / "configs" / "focal_tiny.yaml"))
+    built = build_model(cfg)
+    registered = timm.create_model("focal_tiny_patch4_window7_224")
+    assert sum(p.numel() for p in built.parameters()) == RELEASED["focal_tiny_patch4_window7_224"][0]
+    assert {k: v.shape for k, v in built.state_dict().items()} == {
+        k: v.shape for k, v in registered.state_dict().items()
+    }
+
+
+def test_focal_tiny_key_counts_per_stage():
+    """49 window + 132 ring + fw^2 pooled keys; the last 7x7 stage: 49 + 1 (no ring)."""
+    model = timm.create_model("focal_tiny_patch4_window7_224")
+    counts = [[block.key_index.shape[1] for block in stage.blocks] for stage in model.layers]
+    assert counts == [[230] * 2, [206] * 2, [190] * 6, [50] * 2]
+    model = timm.create_model("focal_tiny_patch4_window7_224", focal_levels=(3, 2, 2, 2), depths=(1, 1, 1, 1))
+    assert model.layers[0].blocks[0].key_index.shape[1] == 230 + 64
+
+
+# ---- the model interface ----------------------------------------------------------------------------------------
+
+
+def test_no_weight_decay_names():
+    model = FocalTransformer(**dict(SIZE_FREE, ape=True))
+    names = [name for name, _ in model.named_parameters()]
+    assert model.no_weight_decay() == {"absolute_pos_embed"}
+    assert "absolute_pos_embed" in names
+    keywords = model.no_weight_decay_keywords()
+    tables = [n for n in names if any(word in n for word in keywords)]
+    for kind in ("relative_position_bias_table", "_to_neighbors", "_to_windows.0", "_to_windows.1"):
+        assert any(kind in n for n in tables), kind
+    assert all("relative_position_bias_table" in n for n in tables)
+
+
+def _output_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_grad_checkpointing_gives_same_output_and_gradients():
+    model = FocalTransformer(**SIZE_FREE).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out, grads = _output_and_grads(model, x)
+    calls = []
+    # a pre-hook: non-reentrant checkpointing stops recomputing once it has what backward needs
+    hook = model.layers[0].blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.set_grad_checkpointing(True)
+    out_ckpt, grads_ckpt = _output_and_grads(model, x)
+    hook.remove()
+    assert len(calls) == 2  # the block ran again in backward: checkpointing is on
+    torch.testing.assert_close(out_ckpt, out, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_set_grad_checkpointing_off_again():
+    model = FocalTransformer(**SIZE_FREE, use_checkpoint=True)
+    assert all(stage.grad_checkpointing for stage in model.layers)
+    model.set_grad_checkpointing(False)
+    assert not any(stage.grad_checkpointing for stage in model.layers)
+
+
+def test_reset_classifier():
+    model = FocalTransformer(**SIZE_FREE).eval()
+    x = torch.randn(1, 3, 64, 64)
+    model.reset_classifier(7)
+    assert model.num_classes == 7 and model.get_classifier().out_features == 7
+    assert model(x).shape == (1, 7)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        features = model(x)
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert features.shape == (1, model.num_features)
+    torch.testing.assert_close(features, pre_logits)
+
+
+def test_forward_is_features_then_head():
+    model = FocalTransformer(**SIZE_FREE).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 4, 4, model.num_features)  # (B, h, w, C)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+
+
+# ---- input sizes ------------------------------------------------------------------------------------------------
+
+
+def test_other_input_size_equals_a_model_built_for_it():
+    """The on-the-fly key layout (shift mask, ring, pooled levels) is exactly the one built at construction."""
+    torch.manual_seed(0)
+    built_64 = FocalTransformer(**SIZE_FREE).double().eval()
+    built_96 = FocalTransformer(**dict(SIZE_FREE, img_size=96)).double().eval()
+    built_96.load_state_dict(built_64.state_dict())
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(built_64(x), built_96(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_output_at_another_input_size_is_deterministic():
+    model = tiny_model(VARIANTS[0]).eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+# ---- construction errors (configurations on which the release crashes) -------------------------------------------
+
+SMALL = dict(img_size=64, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(focal_levels=(2, 2, 2, 2), focal_windows=(6, 5, 3, 1)), "focal window must be odd"),
+        (dict(window_size=2, expand_sizes=(3, 3, 3, 3)), "expand size 3 is larger than the window 2"),
+        (dict(img_size=160, depths=(2, 2, 2, 2), use_shift=True), "multiples of the window"),
+        (dict(img_size=112, use_conv_embed=True), "use_conv_embed with img_size 112"),
+        (dict(img_size=144, use_conv_embed=True), "use_conv_embed with img_size 144"),
+        (dict(expand_layer="none"), "expand_layer"),
+        (dict(focal_pool="avg"), "focal_pool"),
+        (dict(num_heads=(3, 1, 1, 1)), "num_heads 3 must divide the stage dimension 8"),
+    ],
+    ids=[
+        "even_focal_window",
+        "expand_gt_window",
+        "shift_160",
+        "conv_embed_112",
+        "conv_embed_144",
+        "expand_layer",
+        "focal_pool",
+        "num_heads",
+    ],
+)
+def test_release_crashing_configuration_raises_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        FocalTransformer(**dict(SMALL, **overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(focal_levels=(1, 1, 1, 1), focal_windows=(6, 4, 2, 2)),  # even window without pooled levels
+        dict(img_size=56, depths=(2, 2, 2, 2), use_shift=True),  # stage maps 14 / 7: multiples of the window
+        dict(img_size=128, use_conv_embed=True),  # even intermediate resolutions
+        dict(img_size=160, use_shift=True),  # depth 1: no block is shifted, so no Swin mask is built
+        dict(window_size=3, expand_sizes=(3, 3, 3, 3)),  # e == ws: diagonal neighbour windows only
+        dict(focal_pool="none", focal_levels=(3, 3, 3, 3), focal_windows=(4, 4, 4, 4)),  # no pooled level
+    ],
+    ids=[
+        "even_window_no_pooling",
+        "shift_56",
+        "conv_embed_128",
+        "shift_160_no_shifted_block",
+        "expand_eq_window",
+        "pool_none",
+    ],
+)
+def test_configuration_the_release_runs_builds_and_runs(overrides):
+    model = FocalTransformer(**dict(SMALL, **overrides)).eval()
+    size = overrides.get("img_size", 64)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, size, size))).all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: FocalBlock checks expand_size > window before focal_level 0 turns the ring off; the release "
+    "never builds a ring at focal_level 0 and runs this configuration",
+)
+def test_focal_level_zero_ignores_expand_size():
+    model = FocalTransformer(**dict(SMALL, window_size=2, focal_levels=(0, 0, 0, 0), expand_sizes=(3, 3, 3, 3)))
+    assert all(block.attn.expand_size == 0 for stage in model.layers for block in stage.blocks)
+
+
+# ---- tools/model_table.py -------------------------------------------------------------------------------------
+
+
+def test_model_table_row_of_focal_tiny():
+    row = build_row("focal_tiny_patch4_window7_224")
+    assert row["model"] == "focal_tiny_patch4_window7_224"
+    assert row["params"] == 28_880_380
+    assert row["GFLOPs"] == pytest.approx(4.924284672)
+    assert (row["paper params (M)"], row["paper GFLOPs"]) == (28.9, 4.9)
+    assert round(row["params (M)"], 1) == row["paper params (M)"]
+    assert round(row["GFLOPs"], 1) == row["paper GFLOPs"]
+    table = to_markdown([row])
+    assert table.splitlines()[0] == "| " + " | ".join(column.header for column in COLUMNS) + " |"
+    assert "| focal_tiny_patch4_window7_224 | 28.88 | 28,880,380 | 4.92 | 28.9 | 4.9 |" in table
+
+
+def test_model_table_cli_writes_markdown_and_json(tmp_path, capsys):
+    name = "focal_tiny_patch4_window7_224"
+    main(["--variants", name, "--json", str(tmp_path / "table.json")])
+    assert name in capsys.readouterr().out
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert [row["model"] for row in rows] == [name]
+
+
+def test_model_table_refuses_unknown_variant():
+    with pytest.raises(SystemExit):
+        main(["--variants", "focal_huge"])

@@ -1,0 +1,127 @@
+"""End-to-end runs of main.py: torchrun training, auto-resume, exact evaluation, released checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from golden import fixture_paths, load_fixture
+from launch import main_args, run_dir, run_main, run_two_nodes
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, toy_root) -> Path:
+    """A 2-process torchrun run of the demo config for 2 epochs."""
+    output = tmp_path_factory.mktemp("run")
+    result = run_main(main_args(output, toy_root), nproc=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir(output)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_training_writes_checkpoints_metrics_and_events(trained_run):
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "last.pth").is_file() and (trained_run / "best.pth").is_file()
+    assert {"log_rank0.txt", "log_rank1.txt"} <= {p.name for p in trained_run.iterdir()}
+    rows = _metrics(trained_run)
+    assert [row["epoch"] for row in rows] == [0, 1]
+    for key in ("train_loss", "lr", "acc1", "acc5", "max_acc1", "epoch_time", "images_per_s"):
+        assert key in rows[-1], key
+    assert list((trained_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_auto_resume_continues_from_last_checkpoint(trained_run, toy_root, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(trained_run, run_dir(output))
+    result = run_main(main_args(output, toy_root, opts=["TRAIN.EPOCHS", "3"]), nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (run_dir(output) / "log_rank0.txt").read_text()
+    assert "auto-resuming from" in log and "starting at epoch 2" in log
+    assert [row["epoch"] for row in _metrics(run_dir(output))] == [0, 1, 2]
+
+
+def _evaluate(checkpoint: Path, toy_root: Path, output: Path, nproc: int, *extra: str, opts=None) -> dict:
+    args = main_args(output, toy_root, "--eval", "--resume", str(checkpoint), *extra, opts=opts)
+    result = run_main(args, nproc=nproc)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((run_dir(output) / "eval_results.json").read_text())
+
+
+def test_eval_gives_identical_accuracy_with_one_and_two_processes(trained_run, toy_root, tmp_path):
+    one = _evaluate(trained_run / "last.pth", toy_root, tmp_path / "one", nproc=1)
+    two = _evaluate(trained_run / "last.pth", toy_root, tmp_path / "two", nproc=2)
+    assert one["num_images"] == two["num_images"] == 30
+    assert one["acc1"] == two["acc1"] and one["acc5"] == two["acc5"]
+
+
+def _fixture_opts(kwargs: dict) -> list[str]:
+    """--opts that rebuild a golden fixture's architecture from the config."""
+    keys = {
+        "embed_dim": "EMBED_DIM", "depths": "DEPTHS", "num_heads": "NUM_HEADS", "window_size": "WINDOW_SIZE",
+        "patch_size": "PATCH_SIZE", "focal_levels": "FOCAL_LEVELS", "focal_windows": "FOCAL_WINDOWS",
+        "expand_sizes": "EXPAND_SIZES", "focal_pool": "FOCAL_POOL", "use_shift": "USE_SHIFT",
+        "expand_layer": "EXPAND_LAYER", "use_conv_embed": "USE_CONV_EMBED", "ape": "APE",
+    }  # fmt: skip
+    opts = ["DATA.IMG_SIZE", str(kwargs["img_size"]), "MODEL.NUM_CLASSES", str(kwargs["num_classes"])]
+    for name, key in keys.items():
+        value = kwargs[name]
+        opts += [f"MODEL.FOCAL.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return opts
+
+
+def test_released_layout_checkpoint_evaluates(toy_root, tmp_path):
+    fixture = load_fixture(fixture_paths("golden")[0])  # released state_dict, derived buffers included
+    checkpoint = tmp_path / "released.pth"
+    torch.save({"model": fixture["state_dict"]}, checkpoint)
+    opts = _fixture_opts(fixture["kwargs"])
+    result = _evaluate(checkpoint, toy_root, tmp_path / "eval", 1, opts=opts)
+    assert result["num_images"] == 30 and 0.0 <= result["acc1"] <= 100.0
+
+
+def test_checkpoint_of_another_architecture_is_refused(trained_run, toy_root, tmp_path):
+    args = main_args(
+        tmp_path, toy_root, "--eval", "--resume", str(trained_run / "last.pth"), opts=["MODEL.FOCAL.EMBED_DIM", "16"]
+    )
+    result = run_main(args, nproc=1)
+    assert result.returncode != 0
+    assert "shape mismatches" in result.stdout + result.stderr
+
+
+def test_zip_layout_evaluates_like_the_folder_layout(trained_run, toy_root, tmp_path):
+    folder = next(p for p in toy_root.iterdir() if (p / "val").is_dir())
+    zipped = tmp_path / "zipdata"
+    zipped.mkdir()
+    for split in ("train", "val"):
+        classes = sorted(p.name for p in (folder / split).iterdir())
+        lines = []
+        with zipfile.ZipFile(zipped / f"{split}.zip", "w") as archive:
+            for label, name in enumerate(classes):
+                for image in sorted((folder / split / name).iterdir()):
+                    archive.write(image, f"{name}/{image.name}")
+                    lines.append(f"{name}/{image.name}\t{label}")
+        (zipped / f"{split}_map.txt").write_text("\n".join(lines) + "\n")
+    folder_result = _evaluate(trained_run / "last.pth", toy_root, tmp_path / "f", 1)
+    zip_opts = ["DATA.DATASET", "imagenet"]
+    zip_result = _evaluate(
+        trained_run / "last.pth", toy_root, tmp_path / "z", 1, "--zip", "--data-path", str(zipped), opts=zip_opts
+    )
+    assert zip_result == folder_result
+
+
+def test_two_node_torchrun_trains(toy_root, tmp_path):
+    results = run_two_nodes(main_args(tmp_path, toy_root, opts=["TRAIN.EPOCHS", "1"]))
+    for result in results:
+        assert result.returncode == 0, result.stdout
+    assert [row["epoch"] for row in _metrics(run_dir(tmp_path))] == [0]

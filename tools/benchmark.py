@@ -1,0 +1,402 @@
+"""Throughput and peak memory of registered models against a timm baseline, measured side by side.
+
+Models of one comparison live in one process and their timed iterations are interleaved (model A, baseline,
+model A, baseline, ... with the order alternating every round), so a noisy machine slows all of them alike
+and the ratio stays meaningful; the reported time is the median of ``--iters`` iterations after
+``--warmup``. Peak memory is measured in a fresh subprocess per (model, mode): on CUDA the peak of
+``torch.cuda.max_memory_allocated``, on CPU the peak resident set size (``VmHWM``) above the resident
+size before the model was built. Both count parameters, gradients, optimizer state and activations.
+
+Examples::
+
+    python tools/benchmark.py --models focal_tiny_patch4_window7_224 --baseline swin_tiny_patch4_window7_224 \
+        --batch-size 8 --img-size 224 --threads 2 --mode infer,train --json out.json
+    python tools/benchmark.py --preset paper-table --json paper_table.json   # GPU: Focal-T/S/B vs Swin-T/S/B
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402,F401  (registers the Focal variants in timm's registry)
+
+logger = logging.getLogger("benchmark")
+
+MODES = ("infer", "train")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The released throughput table: Focal-T/S/B against Swin-T/S/B at three resolutions, inference on one GPU.
+PAPER_TABLE = dict(
+    models=[f"focal_{size}_patch4_window7_224" for size in ("tiny", "small", "base")],
+    baseline=[f"swin_{size}_patch4_window7_224" for size in ("tiny", "small", "base")],
+    img_size=[224, 448, 896],
+    device="cuda",
+    mode=["infer"],
+    batch_size=64,
+    scale_batch=True,
+)
+
+
+@dataclass
+class BenchSettings:
+    """What is measured and how; ``batch_size`` is at 224 when ``scale_batch`` (scaled by 224^2 / img^2)."""
+
+    models: list[str]
+    baseline: list[str]
+    img_size: list[int]
+    mode: list[str]
+    batch_size: int = 8
+    scale_batch: bool = False
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compile: bool = False
+    threads: int | None = None
+    warmup: int = 3
+    iters: int = 7
+    memory: bool = True
+    num_classes: int = 1000
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def batch_for(self, img_size: int) -> int:
+        if not self.scale_batch:
+            return self.batch_size
+        return max(1, round(self.batch_size * (224 / img_size) ** 2))
+
+
+@dataclass
+class Result:
+    """One model in one mode at one resolution, with its baseline measured alongside."""
+
+    model: str
+    baseline: str
+    mode: str
+    img_size: int
+    batch_size: int
+    images_per_s: float
+    baseline_images_per_s: float
+    speed_ratio: float
+    peak_memory_mb: float | None
+    baseline_peak_memory_mb: float | None
+    memory_ratio: float | None
+    times_s: list[float]
+    baseline_times_s: list[float]
+
+
+# ---- building and stepping ----------------------------------------------------------------------------------
+
+
+def create_model(name: str, img_size: int, settings: BenchSettings) -> nn.Module:
+    """A registered model (timm or Focal) at ``img_size`` on the benchmark device, compiled if asked."""
+    model = timm.create_model(name, img_size=img_size, num_classes=settings.num_classes, **settings.model_kwargs)
+    model = model.to(settings.device)
+    return torch.compile(model) if settings.compile else model
+
+
+def _autocast(settings: BenchSettings) -> contextlib.AbstractContextManager:
+    dtype = DTYPES[settings.dtype]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(settings.device).type, dtype=dtype)
+
+
+def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, settings: BenchSettings) -> Callable[[], None]:
+    """A closure running one inference forward, or one training step (forward, backward, AdamW step)."""
+    device = settings.device
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), _autocast(settings):
+                model(images)
+
+        return infer
+    model.train()
+    targets = torch.randint(0, settings.num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(settings):
+            loss = F.cross_entropy(model(images), targets)
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], settings: BenchSettings) -> dict[str, list[float]]:
+    """Seconds of each timed iteration of every step, iterations of the steps interleaved."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(settings.warmup + settings.iters):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            _synchronize(settings.device)
+            start = time.perf_counter()
+            steps[name]()
+            _synchronize(settings.device)
+            if i >= settings.warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ---- peak memory (fresh subprocess per model and mode) ------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _page_size()
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM, or ru_maxrss where /proc is missing)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_peak_memory_here(name: str, mode: str, img_size: int, settings: BenchSettings) -> float:
+    """Peak bytes that building ``name`` and running warm-up + 2 steps of ``mode`` take, in this process."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    cuda = torch.device(settings.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    model = create_model(name, img_size, settings)
+    step = make_step(model, mode, settings.batch_for(img_size), img_size, settings)
+    for _ in range(max(1, min(settings.warmup, 2)) + 2):
+        step()
+    _synchronize(settings.device)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    return float(peak - before)
+
+
+def measure_peak_memory(name: str, mode: str, img_size: int, settings: BenchSettings) -> float | None:
+    """``measure_peak_memory_here`` in a fresh Python process, so models and modes do not share a peak."""
+    payload = json.dumps({"name": name, "mode": mode, "img_size": img_size, "settings": asdict(settings)})
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", payload]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        logger.warning("memory measurement of %s (%s) failed:\n%s", name, mode, proc.stderr[-2000:])
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_worker(payload: str) -> None:
+    request = json.loads(payload)
+    settings = BenchSettings(**request["settings"])
+    peak = measure_peak_memory_here(request["name"], request["mode"], request["img_size"], settings)
+    sys.stdout.write(f"{peak}\n")
+
+
+# ---- the comparison --------------------------------------------------------------------------------------------
+
+
+def comparison_groups(settings: BenchSettings) -> list[tuple[list[str], str]]:
+    """(models, baseline) groups: one baseline for every model, or one per model, pairwise."""
+    if len(settings.baseline) == 1:
+        return [(settings.models, settings.baseline[0])]
+    if len(settings.baseline) != len(settings.models):
+        raise ValueError("--baseline takes one model name, or one per --models entry")
+    return [([model], baseline) for model, baseline in zip(settings.models, settings.baseline)]
+
+
+def run_benchmark(settings: BenchSettings) -> list[Result]:
+    """Every model against its baseline, at every resolution, in every mode."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    results = []
+    for img_size in settings.img_size:
+        batch_size = settings.batch_for(img_size)
+        for group, baseline in comparison_groups(settings):
+            names = [*group, baseline]
+            built = {name: create_model(name, img_size, settings) for name in names}
+            for mode in settings.mode:
+                logger.info("timing %s at %d, batch %d, %s", " vs ".join(names), img_size, batch_size, mode)
+                steps = {name: make_step(built[name], mode, batch_size, img_size, settings) for name in names}
+                times = time_interleaved(steps, settings)
+                del steps
+                memory = {}
+                if settings.memory:
+                    memory = {name: measure_peak_memory(name, mode, img_size, settings) for name in names}
+                base_ips = batch_size / statistics.median(times[baseline])
+                for name in group:
+                    ips = batch_size / statistics.median(times[name])
+                    peak, base_peak = memory.get(name), memory.get(baseline)
+                    results.append(
+                        Result(
+                            model=name,
+                            baseline=baseline,
+                            mode=mode,
+                            img_size=img_size,
+                            batch_size=batch_size,
+                            images_per_s=ips,
+                            baseline_images_per_s=base_ips,
+                            speed_ratio=ips / base_ips,
+                            peak_memory_mb=None if peak is None else peak / 2**20,
+                            baseline_peak_memory_mb=None if base_peak is None else base_peak / 2**20,
+                            memory_ratio=None if peak is None or not base_peak else peak / base_peak,
+                            times_s=times[name],
+                            baseline_times_s=times[baseline],
+                        )
+                    )
+            del built
+    return results
+
+
+def markdown_table(results: list[Result]) -> str:
+    """One row per result: throughput, ratio to the baseline, peak memory and its ratio."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [
+        "| model | baseline | res | batch | mode | img/s | baseline img/s | speed ratio | peak MB | baseline MB "
+        "| memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.baseline} | {r.img_size} | {r.batch_size} | {r.mode} | {r.images_per_s:.2f} "
+            f"| {r.baseline_images_per_s:.2f} | {r.speed_ratio:.3f} | {num(r.peak_memory_mb, '.0f')} "
+            f"| {num(r.baseline_peak_memory_mb, '.0f')} | {num(r.memory_ratio, '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def environment(settings: BenchSettings) -> dict[str, Any]:
+    """Versions and hardware the numbers were taken on."""
+    env = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.device(settings.device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+
+def _csv(cast: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [cast(item) for item in text.split(",") if item]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=_csv(str), help="comma-separated registered model names")
+    parser.add_argument("--baseline", type=_csv(str), default=["swin_tiny_patch4_window7_224"],
+                        help="one timm model for all --models, or one per model (comma-separated)")
+    parser.add_argument("--preset", choices=["paper-table"], help="the released throughput table (GPU)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, cuda for --preset)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (64 at 224 for --preset)")
+    parser.add_argument("--img-size", type=_csv(int), default=None, help="comma-separated resolutions (default 224)")
+    parser.add_argument("--mode", type=_csv(str), default=None, help="infer,train (default both)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=7, help="timed iterations per model (median reported)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory subprocesses")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON constructor overrides for every model, e.g. \'{"depths": [1, 1, 1, 1]}\'')
+    parser.add_argument("--json", type=Path, default=None, help="write settings, environment and results here")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    preset = dict(PAPER_TABLE) if args.preset == "paper-table" else {}
+    if not preset and not args.models:
+        raise SystemExit("--models is required without --preset")
+    explicit = {
+        "models": args.models,
+        "baseline": args.baseline if args.models else None,
+        "img_size": args.img_size,
+        "mode": args.mode,
+        "batch_size": args.batch_size,
+        "device": args.device,
+    }
+    values = dict(preset, **{key: value for key, value in explicit.items() if value is not None})
+    values.setdefault("img_size", [224])
+    values.setdefault("mode", list(MODES))
+    unknown = set(values["mode"]) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown --mode {sorted(unknown)}; choose from {MODES}")
+    return BenchSettings(
+        **values,
+        dtype=args.dtype,
+        compile=args.compile,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        memory=args.memory,
+        num_classes=args.num_classes,
+        model_kwargs=args.model_kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        _memory_worker(args.memory_worker)
+        return []
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = settings_from_args(args)
+    results = run_benchmark(settings)
+    sys.stdout.write(markdown_table(results) + "\n")
+    if args.json is not None:
+        report = {
+            "settings": asdict(settings),
+            "environment": environment(settings),
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

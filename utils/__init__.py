@@ -1,0 +1,2 @@
+"""Training utilities, one job per module: logging, distributed setup, checkpoints, mixed precision
+and metrics."""
