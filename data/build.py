@@ -102,9 +102,10 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed ``numpy`` and ``random`` of a loader worker from torch's per-worker seed.
+    """Seed ``numpy`` and ``random`` of a loader worker from torch's per-worker seed (base seed + worker id).
 
-    Augmentations draw from all three generators; without this, forked workers share numpy's state.
+    The recipe of PyTorch's reproducibility notes: augmentations draw from all three generators, and their
+    streams stay a function of the torch seed alone, whatever the torch version does by default.
     """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

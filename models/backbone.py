@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
+from .focal_attention import FocalWindowAttention
 from .focal_transformer import FocalStage, FocalTransformer
 from .registry import FOCAL_VARIANTS, create_variant
 
@@ -72,6 +73,11 @@ class FocalBackbone(nn.Module):
 
     def __init__(self, model: FocalTransformer, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
         super().__init__()
+        if not all(isinstance(block.attn, FocalWindowAttention) for stage in model.layers for block in stage.blocks):
+            raise TypeError(
+                f"FocalBackbone needs v1 focal blocks, which run at any input size; {type(model).__name__} has "
+                "blocks fixed to their constructed resolution"
+            )
         num_stages = len(model.layers)
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)) or not 0 <= out_indices[0]:

@@ -64,7 +64,8 @@ def resize_grids(grids: torch.Tensor, size: int) -> torch.Tensor:
     if grids.shape[-1] == size and grids.shape[-2] == size:
         return grids
     lead = grids.shape[:-2]
-    flat = grids.reshape(1, -1, *grids.shape[-2:]).float()
+    work_dtype = torch.float64 if grids.dtype == torch.float64 else torch.float32  # no half-precision bicubic
+    flat = grids.reshape(1, -1, *grids.shape[-2:]).to(work_dtype)
     out = F.interpolate(flat, size=(size, size), mode="bicubic", align_corners=False)
     return out.reshape(*lead, size, size).to(grids.dtype)
 

@@ -12,7 +12,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from models import FocalTransformer
+from models import FocalTransformer, FocalTransformerV2
 from models.backbone import FocalBackbone, FocalBackboneWithFPN, create_backbone
 
 # Stage maps 16/8/4/2 at 64 px against window 4: stages 2 and 3 use the whole map (shrunk windows).
@@ -79,6 +79,12 @@ def test_invalid_out_indices_raise():
         FocalBackbone(tiny_model(), out_indices=(1, 4))
     with pytest.raises(ValueError, match="increasing"):
         FocalBackbone(tiny_model(), out_indices=(2, 1))
+
+
+def test_v2_models_are_refused():
+    model = FocalTransformerV2(**dict(TINY, focal_windows=(3, 3, 1, 1), img_size=64), focal_topK=8)
+    with pytest.raises(TypeError, match="v1 focal blocks"):
+        FocalBackbone(model)
 
 
 def test_last_stage_at_constructed_size_matches_forward_features():

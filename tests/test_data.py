@@ -148,8 +148,17 @@ def test_toy_incomplete_folder_is_an_error(tmp_path: Path) -> None:
 
 
 def test_build_loader_on_toy_data(toy_dir: Path) -> None:
-    bundle = build_loader(_config(DATASET="toy", TOY_ROOT=str(toy_dir.parent), TOY_IMAGE_SIZE=TOY_SIZE,
-                                  TOY_TRAIN_PER_CLASS=TOY_TRAIN, TOY_VAL_PER_CLASS=TOY_VAL), 0, 1)
+    bundle = build_loader(
+        _config(
+            DATASET="toy",
+            TOY_ROOT=str(toy_dir.parent),
+            TOY_IMAGE_SIZE=TOY_SIZE,
+            TOY_TRAIN_PER_CLASS=TOY_TRAIN,
+            TOY_VAL_PER_CLASS=TOY_VAL,
+        ),
+        0,
+        1,
+    )
     assert bundle.num_classes == len(TOY_CLASSES)
     assert isinstance(bundle.sampler_train, DistributedSampler)
     images, targets = next(iter(bundle.loader_train))
@@ -185,8 +194,9 @@ def test_zip_cache_modes_hold_the_right_images(tmp_path: Path, cache_mode: str, 
             _save_image(tmp_path / name, fmt="PNG")
             archive.write(tmp_path / name, name)
     (tmp_path / "train_map.txt").write_text("".join(f"{name}\t0\n" for name in names))
-    dataset = ZipDataset(str(tmp_path / "train.zip"), str(tmp_path / "train_map.txt"), cache_mode=cache_mode,
-                         rank=1, world_size=2)
+    dataset = ZipDataset(
+        str(tmp_path / "train.zip"), str(tmp_path / "train_map.txt"), cache_mode=cache_mode, rank=1, world_size=2
+    )
     assert dataset.cached_indices == expected
 
 
@@ -209,7 +219,209 @@ def test_zip_malformed_map_line_is_an_error(zip_dir: Path, tmp_path: Path) -> No
 
 
 def test_zip_missing_map_file_is_named(zip_dir: Path, tmp_path: Path) -> None:
-    cfg = _config(DATA_PATH=str(tmp_path), ZIP_MODE=True)
-(tmp_path / "train.zip").write_bytes((zip_dir / "train.zip").read_bytes())
+    (tmp_path / "train.zip").write_bytes((zip_dir / "train.zip").read_bytes())
     with pytest.raises(FileNotFoundError, match="train_map.txt"):
-        build_dataset(True, cfg)
+        build_dataset(True, _config(DATA_PATH=str(tmp_path), ZIP_MODE=True))
+
+
+# ----------------------------------------------------------------------------- checks with clear errors
+
+
+def test_unset_data_path_is_an_error() -> None:
+    with pytest.raises(ValueError, match="DATA.DATA_PATH"):
+        build_dataset(True, _config(DATA_PATH=""))
+
+
+def test_missing_data_path_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        build_dataset(True, _config(DATA_PATH=str(missing)))
+
+
+def test_empty_data_path_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        build_dataset(True, _config(DATA_PATH=str(tmp_path)))
+
+
+def test_folder_without_class_folders_is_named(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        build_dataset(True, _config(DATA_PATH=str(tmp_path)))
+
+
+def test_train_and_val_classes_that_differ_are_named(tmp_path: Path) -> None:
+    root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "cat"])
+    cfg = _config(DATA_PATH=str(root))
+    cfg.MODEL.NUM_CLASSES = 2
+    with pytest.raises(ValueError, match=r"only in train \['bee'\], only in val \['cat'\]"):
+        build_loader(cfg, 0, 1)
+
+
+def test_num_classes_mismatch_names_both_numbers(tmp_path: Path) -> None:
+    root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])
+    cfg = _config(DATA_PATH=str(root))
+    cfg.MODEL.NUM_CLASSES = 1000
+    with pytest.raises(ValueError, match=r"MODEL.NUM_CLASSES is 1000 but the dataset has 2 classes"):
+        build_dataset(False, cfg)
+
+
+@pytest.fixture
+def corrupt_set(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder set whose class 'bee' holds a truncated JPEG; returns (root, corrupt file)."""
+    root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])
+    corrupt = root / "train" / "bee" / "bee_0.JPEG"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    return root, corrupt
+
+
+def test_corrupt_image_is_named(corrupt_set: tuple[Path, Path]) -> None:
+    root, corrupt = corrupt_set
+    dataset = FolderDataset(str(root / "train"))
+    index = [path for path, _ in dataset.samples].index(str(corrupt))
+    with pytest.raises(CorruptImageError, match=str(corrupt)):
+        dataset[index]
+
+
+def test_corrupt_image_is_skipped_and_counted(corrupt_set: tuple[Path, Path]) -> None:
+    root, corrupt = corrupt_set
+    dataset = FolderDataset(str(root / "train"), transforms.PILToTensor(), skip_corrupt=True)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork")
+    images = torch.cat([batch for batch, _ in loader])
+    assert len(images) == len(dataset) == 4
+    assert dataset.num_skipped == 1  # counted in a worker, seen by the main process
+
+
+def test_image_that_is_not_an_image_is_named(tmp_path: Path) -> None:
+    (tmp_path / "ant").mkdir()
+    (tmp_path / "ant" / "notes.JPEG").write_text("not an image")
+    with pytest.raises(CorruptImageError, match="notes.JPEG"):
+        FolderDataset(str(tmp_path))[0]
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG")])
+def test_other_image_modes_load_as_rgb(tmp_path: Path, mode: str, fmt: str) -> None:
+    _save_image(tmp_path / "ant" / f"image.{fmt.lower()}", mode=mode, fmt=fmt)
+    image, label = FolderDataset(str(tmp_path), build_transform(False, _config()))[0]
+    assert image.shape == (3, 16, 16)
+    assert label == 0
+
+
+# ----------------------------------------------------------------------------- transforms and mixup
+
+
+def test_eval_transform_resizes_to_256_and_crops_224() -> None:
+    cfg = _config()
+    cfg.DATA.IMG_SIZE = 224
+    transform = build_transform(False, cfg)
+    resize, crop = transform.transforms[:2]
+    assert isinstance(resize, transforms.Resize) and resize.size == 256
+    assert resize.interpolation == transforms.InterpolationMode.BICUBIC
+    assert isinstance(crop, transforms.CenterCrop) and crop.size == (224, 224)
+    assert transform(Image.new("RGB", (300, 400))).shape == (3, 224, 224)
+
+
+def test_eval_transform_without_crop_resizes_to_the_square() -> None:
+    cfg = _config()
+    cfg.TEST.CROP = False
+    transform = build_transform(False, cfg)
+    assert transform.transforms[0].size == (16, 16)
+    assert transform(Image.new("RGB", (30, 20))).shape == (3, 16, 16)
+
+
+def test_train_transform_follows_the_config() -> None:
+    cfg = _config()
+    cfg.DATA.IMG_SIZE = 64
+    names = [type(t).__name__ for t in build_transform(True, cfg).transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation"
+    assert "RandAugment" in names and "RandomErasing" in names
+    cfg.AUG.AUTO_AUGMENT = "none"
+    names = [type(t).__name__ for t in build_transform(True, cfg).transforms]
+    assert "RandAugment" not in names and "ColorJitter" in names
+
+
+def test_small_train_transform_uses_padded_random_crop() -> None:
+    transform = build_transform(True, _config())  # IMG_SIZE 16 <= 32
+    resize, crop = transform.transforms[0].transforms
+    assert isinstance(resize, transforms.Resize) and resize.size == 16
+    assert isinstance(crop, transforms.RandomCrop) and crop.padding == 4
+    assert transform(Image.new("RGB", (40, 40))).shape == (3, 16, 16)
+
+
+def test_train_transform_posterize_accepts_zero_bits() -> None:
+    transform = build_transform(True, _config())
+    ops = [op for stage in transform.transforms if isinstance(stage, auto_augment.RandAugment) for op in stage.ops]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    black = posterize.aug_fn(Image.new("RGB", (4, 4), (200, 100, 50)), 0)
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_mixup_gives_soft_targets() -> None:
+    cfg = _config()
+    mixup = build_mixup(cfg)
+    assert mixup is not None and mixup.mixup_alpha == cfg.AUG.MIXUP and mixup.cutmix_alpha == cfg.AUG.CUTMIX
+    torch.manual_seed(0)
+    images, targets = mixup(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    assert targets.shape == (4, len(TOY_CLASSES))
+    assert torch.allclose(targets.sum(dim=1), torch.ones(4))
+    assert (targets.max(dim=1).values < 1).all()  # smoothed and mixed, never one-hot
+
+
+def test_mixup_is_off_when_disabled() -> None:
+    cfg = _config()
+    cfg.AUG.MIXUP = 0.0
+    cfg.AUG.CUTMIX = 0.0
+    assert build_mixup(cfg) is None
+
+
+# ----------------------------------------------------------------------------- samplers and loaders
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_samples", [0, 1, 7, 10])
+def test_sharded_eval_sampler_counts_every_index_once(world_size: int, num_samples: int) -> None:
+    data = range(num_samples)
+    shards = [list(ShardedEvalSampler(data, rank, world_size)) for rank in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(data)
+    assert [len(ShardedEvalSampler(data, rank, world_size)) for rank in range(world_size)] == list(map(len, shards))
+
+
+def test_sharded_eval_sampler_rejects_a_bad_rank() -> None:
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardedEvalSampler(range(5), 2, 2)
+
+
+def test_sharded_train_sampler_shuffles_the_shard_per_epoch() -> None:
+    data = range(11)
+    samplers = [ShardedTrainSampler(data, rank, 3, seed=5) for rank in range(3)]
+    epoch0 = [list(sampler) for sampler in samplers]
+    assert [len(order) for order in epoch0] == [3, 3, 3]  # equal steps on every rank
+    assert all(i % 3 == rank for rank, order in enumerate(epoch0) for i in order)
+    assert epoch0 == [list(sampler) for sampler in samplers]  # reproducible
+    for sampler in samplers:
+        sampler.set_epoch(1)
+    assert epoch0 != [list(sampler) for sampler in samplers]
+
+
+def test_part_cache_trains_on_the_cached_shard(zip_dir: Path) -> None:
+    cfg = _config(DATA_PATH=str(zip_dir), ZIP_MODE=True, CACHE_MODE="part")
+    bundle = build_loader(cfg, 1, 2)
+    assert isinstance(bundle.sampler_train, ShardedTrainSampler)
+    assert set(bundle.sampler_train) <= set(bundle.dataset_train.cached_indices)
+
+
+def test_seed_worker_gives_workers_distinct_numpy_streams() -> None:
+    class NumpyDraw(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> float:
+            return float(np.random.rand())
+
+    def draws() -> list[float]:
+        torch.manual_seed(0)
+        loader = DataLoader(NumpyDraw(), num_workers=2, worker_init_fn=seed_worker, multiprocessing_context="fork")
+        return [float(x) for x in loader]
+
+    first = draws()
+    assert first == draws()  # reproducible from torch's seed
+    assert first[0] != first[1]  # workers 0 and 1 take turns: different streams

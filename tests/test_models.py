@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,9 +146,25 @@ def test_pretrained_true_is_a_clear_error(create):
 # ---- full-size released variants: counts and state_dict layout ------------------------------------------------
 
 
+@contextlib.contextmanager
+def skipped_trunc_normal_init() -> Iterator[None]:
+    """Leave trunc-normal-initialised tensors as constructed: most of the build time of a full-size model, and
+    irrelevant to counts, shapes and FLOPs."""
+    with pytest.MonkeyPatch.context() as patch:
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("models.") and hasattr(module, "trunc_normal_"):
+                patch.setattr(module, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
+        yield
+
+
+def full_size(name: str) -> torch.nn.Module:
+    with skipped_trunc_normal_init():
+        return timm.create_model(name)
+
+
 @pytest.fixture(scope="module", params=list(RELEASED))
 def full_model(request) -> tuple[str, torch.nn.Module]:
-    return request.param, timm.create_model(request.param)
+    return request.param, full_size(request.param)
 
 
 def test_released_variants_are_registered():
@@ -198,8 +217,9 @@ def test_config_file_gives_the_registered_variant_arguments(name):
 def test_build_model_from_focal_tiny_config_is_the_registered_variant():
     cfg = config.get_default_config()
     config.merge_config_file(cfg, str(REPO / "configs" / "focal_tiny.yaml"))
-    built = build_model(cfg)
-    registered = timm.create_model("focal_tiny_patch4_window7_224")
+    with skipped_trunc_normal_init():
+        built = build_model(cfg)
+    registered = full_size("focal_tiny_patch4_window7_224")
     assert sum(p.numel() for p in built.parameters()) == RELEASED["focal_tiny_patch4_window7_224"][0]
     assert {k: v.shape for k, v in built.state_dict().items()} == {
         k: v.shape for k, v in registered.state_dict().items()
@@ -208,7 +228,7 @@ def test_build_model_from_focal_tiny_config_is_the_registered_variant():
 
 def test_focal_tiny_key_counts_per_stage():
     """49 window + 132 ring + fw^2 pooled keys; the last 7x7 stage: 49 + 1 (no ring)."""
-    model = timm.create_model("focal_tiny_patch4_window7_224")
+    model = full_size("focal_tiny_patch4_window7_224")
     counts = [[block.key_index.shape[1] for block in stage.blocks] for stage in model.layers]
     assert counts == [[230] * 2, [206] * 2, [190] * 6, [50] * 2]
     model = timm.create_model("focal_tiny_patch4_window7_224", focal_levels=(3, 2, 2, 2), depths=(1, 1, 1, 1))
@@ -377,7 +397,8 @@ def test_focal_level_zero_ignores_expand_size():
 
 
 def test_model_table_row_of_focal_tiny():
-    row = build_row("focal_tiny_patch4_window7_224")
+    with skipped_trunc_normal_init():
+        row = build_row("focal_tiny_patch4_window7_224")
     assert row["model"] == "focal_tiny_patch4_window7_224"
     assert row["params"] == 28_880_380
     assert row["GFLOPs"] == pytest.approx(4.924284672)
@@ -391,7 +412,8 @@ def test_model_table_row_of_focal_tiny():
 
 def test_model_table_cli_writes_markdown_and_json(tmp_path, capsys):
     name = "focal_tiny_patch4_window7_224"
-    main(["--variants", name, "--json", str(tmp_path / "table.json")])
+    with skipped_trunc_normal_init():
+        main(["--variants", name, "--json", str(tmp_path / "table.json")])
     assert name in capsys.readouterr().out
     rows = json.loads((tmp_path / "table.json").read_text())
     assert [row["model"] for row in rows] == [name]

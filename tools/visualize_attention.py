@@ -318,9 +318,11 @@ def visualize_attention(
 
     ``image`` is (3, H, W) in [0, 1]; ``block_index`` picks the observed block of every stage.
     """
+    blocks = [stage.blocks[block_index] for stage in model.layers]
+    if not all(isinstance(block.attn, FocalWindowAttention) for block in blocks):
+        raise TypeError(f"only v1 focal attention can be drawn, {type(model).__name__} has another kind")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    blocks = [stage.blocks[block_index] for stage in model.layers]
     captures = capture_block_inputs(model, normalize(image), blocks)
     results = []
     for stage, (block, capture) in enumerate(zip(blocks, captures)):

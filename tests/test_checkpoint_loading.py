@@ -1,0 +1,153 @@
+"""load_official_weights: released-layout and own state dicts load; every mismatch is an error that names it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from golden import FIXTURES, fixture_paths, load_fixture
+
+from models import CheckpointMismatchError, FocalTransformer, load_official_weights
+from models.checkpoint_loading import released_derived_buffers
+
+V1_FIXTURES = fixture_paths("golden")
+DEFAULT = FIXTURES / "golden" / "p01_default_fc_224.pt"  # 224 px, ring, fc pooling, shrunk last stage
+SHIFTED = FIXTURES / "golden" / "p05_pool_mean_shift_even_112.pt"  # stores attn_mask buffers
+
+
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return load_fixture(DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def shifted() -> dict:
+    return load_fixture(SHIFTED)
+
+
+def _model(kwargs: dict, **overrides) -> FocalTransformer:
+    torch.manual_seed(0)
+    return FocalTransformer(**dict(kwargs, **overrides))
+
+
+def _mismatch(model: torch.nn.Module, state_dict: dict) -> str:
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_official_weights(model, state_dict)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("path", V1_FIXTURES, ids=lambda p: p.stem)
+def test_released_state_dict_with_derived_buffers_loads(path):
+    fixture = load_fixture(path)
+    model = _model(fixture["kwargs"])
+    assert load_official_weights(model, fixture["state_dict"]) is model
+    ours = model.state_dict()
+    for key, value in ours.items():
+        assert torch.equal(value, fixture["state_dict"][key]), key
+    derived = set(fixture["state_dict"]) - set(ours)
+    assert derived == set(released_derived_buffers(model))  # every other released key is a derived buffer
+
+
+def test_checkpoint_wrapped_in_model_key_loads(default):
+    model = _model(default["kwargs"])
+    load_official_weights(model, {"model": default["state_dict"], "epoch": 300, "optimizer": {}})
+    assert torch.equal(model.head.weight, default["state_dict"]["head.weight"])
+
+
+def test_own_state_dict_without_derived_buffers_loads(default):
+    source = _model(default["kwargs"])
+    load_official_weights(source, default["state_dict"])
+    own = source.state_dict()
+    assert not set(own) & set(released_derived_buffers(source))
+    target = _model(default["kwargs"])
+    load_official_weights(target, own)
+    x = default["input"]
+    with torch.no_grad():
+        assert torch.equal(target.eval()(x), source.eval()(x))
+
+
+def test_missing_parameter_is_named(default):
+    state_dict = dict(default["state_dict"])
+    del state_dict["layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors"]
+    message = _mismatch(_model(default["kwargs"]), state_dict)
+    assert "missing keys: layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors" in message
+
+
+def test_unexpected_key_is_named(default):
+    state_dict = dict(default["state_dict"], **{"layers.0.blocks.0.attn.extra_table": torch.zeros(3)})
+    message = _mismatch(_model(default["kwargs"]), state_dict)
+    assert "unexpected keys: layers.0.blocks.0.attn.extra_table" in message
+
+
+def test_failed_load_leaves_the_model_unchanged(default):
+    model = _model(default["kwargs"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_dict = dict(default["state_dict"])
+    del state_dict["head.bias"]
+    _mismatch(model, state_dict)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_state_dict_of_a_wider_model_names_shape_mismatches(default):
+    message = _mismatch(_model(default["kwargs"], embed_dim=16), default["state_dict"])
+    assert "shape mismatches: patch_embed.proj.weight (8, 3, 4, 4) vs model (16, 3, 4, 4)" in message
+
+
+def test_state_dict_of_another_architecture_names_every_kind_of_mismatch(default):
+    """Focal level 2 with window 7 into focal level 1 with window 5: extra pooled tables, other table shapes."""
+    model = _model(default["kwargs"], window_size=5, focal_levels=(1, 1, 1, 1), expand_sizes=(2, 2, 2, 2))
+    message = _mismatch(model, default["state_dict"])
+    assert re.search(
+        r"unexpected keys: [^;]*layers\.0\.blocks\.0\.attn\.relative_position_bias_table_to_windows\.0", message
+    )
+    assert "layers.0.blocks.0.attn.relative_position_bias_table (169, 1) vs model (81, 1)" in message
+    assert "layers.0.blocks.0.attn.relative_position_index_0" in message  # a derived buffer the model does not have
+
+
+def test_state_dict_of_a_deeper_model_names_missing_blocks(default):
+    kwargs = default["kwargs"]
+    deeper = list(kwargs["depths"])
+    deeper[2] += 1
+    message = _mismatch(_model(kwargs, depths=deeper), default["state_dict"])
+    assert f"missing keys: layers.2.blocks.{deeper[2] - 1}." in message
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "layers.0.blocks.0.attn.valid_ind_rolled",
+        "layers.1.blocks.1.attn.relative_position_index",
+        "layers.0.blocks.1.attn.relative_position_index_0",
+    ],
+)
+def test_tampered_index_buffer_is_named(default, key):
+    state_dict = dict(default["state_dict"])
+    tampered = state_dict[key].clone()
+    tampered.view(-1)[[0, 1]] = tampered.view(-1)[[1, 0]]
+    state_dict[key] = tampered
+    message = _mismatch(_model(default["kwargs"]), state_dict)
+    assert f"derived buffers differ from this configuration: {key}" in message
+
+
+def test_tampered_shift_mask_is_named(shifted):
+    key = "layers.0.blocks.1.attn_mask"
+    state_dict = dict(shifted["state_dict"])
+    assert key in state_dict
+    tampered = state_dict[key].clone()
+    tampered[0, 0, 1] = -100.0 - tampered[0, 0, 1]  # 0 <-> -100
+    state_dict[key] = tampered
+    message = _mismatch(_model(shifted["kwargs"]), state_dict)
+    assert f"derived buffers differ from this configuration: {key}" in message
+
+
+def test_derived_buffer_of_another_shape_is_named(default):
+    key = "layers.0.blocks.0.attn.valid_ind_rolled"
+    state_dict = dict(default["state_dict"], **{key: default["state_dict"][key][:-1]})
+    message = _mismatch(_model(default["kwargs"]), state_dict)
+    assert f"{key} (131,) (model computes (132,))" in message
+
+
+def test_shift_mask_into_unshifted_model_is_unexpected(shifted):
+    message = _mismatch(_model(shifted["kwargs"], use_shift=False), shifted["state_dict"])
+    assert re.search(r"unexpected keys: [^;]*layers\.0\.blocks\.1\.attn_mask", message)
