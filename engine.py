@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from utils.amp import GradientStepper
 from utils.distributed import all_reduce_sum
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
+from utils.seeding import STEP_STREAM, derive_seed, seed_all
 
 
 class NonFiniteLossError(RuntimeError):
@@ -23,7 +25,12 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """What the loop needs besides the model and data; ``global_step`` counts optimizer steps."""
+    """What the loop needs besides the model and data; ``global_step`` counts optimizer steps.
+
+    ``stop_requested`` is polled every step (a local flag, e.g. set by a signal handler); once any rank
+    reports it, every rank leaves the epoch after the same optimizer step and ``stopped`` is set.
+    ``seed`` and ``rank`` key the random numbers of each step (Mixup/CutMix, drop path).
+    """
 
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -36,9 +43,37 @@ class TrainState:
     print_freq: int = 10
     skip_nonfinite: bool = False
     global_step: int = 0
-    skipped_steps: int = 0
     metrics: MetricsWriter | None = None
-    should_stop: Callable[[], bool] = field(default=lambda: False)
+    stop_requested: Callable[[], bool] = field(default=lambda: False)
+    stopped: bool = False
+    seed: int = 0
+    rank: int = 0
+
+
+@dataclass
+class EpochMeters:
+    """Running averages of one epoch's training statistics.
+
+    A mid-epoch checkpoint stores them (``state_dict``), so a resumed epoch reports the same averages as
+    an uninterrupted one.
+    """
+
+    loss: AverageMeter = field(default_factory=AverageMeter)
+    grad_norm: AverageMeter = field(default_factory=AverageMeter)
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python numbers (safe for weights-only loading)."""
+        return {
+            "loss": dict(vars(self.loss)),
+            "grad_norm": dict(vars(self.grad_norm)),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self.loss).update(state["loss"])
+        vars(self.grad_norm).update(state["grad_norm"])
+        self.skipped_steps = int(state["skipped_steps"])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -48,10 +83,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _loss_is_finite_everywhere(loss: torch.Tensor) -> bool:
-    """True when every rank's loss is finite (all ranks must take the same branch)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
-    return all_reduce_sum(bad).item() == 0
+def _agree(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(every rank's loss is finite, some rank asked to stop), with one all-reduce for both.
+
+    All ranks must take the same branch, so both answers are agreed on, never decided locally.
+    """
+    flags = torch.tensor(
+        [0.0 if torch.isfinite(loss).item() else 1.0, 1.0 if stop_requested else 0.0], device=loss.device
+    )
+    nonfinite, stop = all_reduce_sum(flags).tolist()
+    return nonfinite == 0, stop > 0
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -69,21 +110,29 @@ def train_one_epoch(
     mixup_fn: Callable | None,
     logger: logging.Logger,
     start_step: int = 0,
+    meters: EpochMeters | None = None,
 ) -> dict:
-    """Train one epoch (from micro-step ``start_step``); returns train loss, lr, images/s, epoch time.
+    """Train one epoch from micro-step ``start_step``; returns train loss, lr, images/s, epoch time.
 
+    ``loader`` yields the batches from ``start_step`` on (the caller skips the done ones in the
+    sampler); ``meters`` holds the averages of the steps before ``start_step`` when resuming.
     Gradients are accumulated over ``accumulation_steps`` micro-batches; DDP synchronises only on the
     last one (``no_sync``). A non-finite loss stops training (NonFiniteLossError) unless
-    ``skip_nonfinite``, which drops that optimizer step on every rank.
+    ``skip_nonfinite``, which drops that step on every rank. Every step first seeds the random
+    generators from (seed, rank, epoch, step), so Mixup/CutMix and drop path do not depend on where the
+    run was resumed. A stop request ends the epoch early, after an optimizer step (``state.stopped``).
     """
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
+    state.stopped = False
+    meters = meters if meters is not None else EpochMeters()
     accum = state.accumulation_steps
-    num_steps = len(loader)
-    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    images = 0
+    num_steps = start_step + len(loader)
+    time_meter = AverageMeter()
+    images, stop_agreed, step = 0, False, start_step - 1
     start = end = time.time()
     for step, (samples, targets) in enumerate(loader, start=start_step):
+        seed_all(derive_seed(STEP_STREAM, state.seed, state.rank, epoch, step))
         samples = samples.to(state.device, non_blocking=True)
         targets = targets.to(state.device, non_blocking=True)
         if mixup_fn is not None:
@@ -94,26 +143,30 @@ def train_one_epoch(
             with autocast(state.device, state.amp_dtype):
                 outputs = model(samples)
             loss = state.criterion(outputs.float(), targets)
-            if not _loss_is_finite_everywhere(loss):
-                if not state.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch} step {step} (global step {state.global_step}); "
-                        "set TRAIN.SKIP_NONFINITE True to skip such steps"
-                    )
+            finite, stop = _agree(loss, state.stop_requested())
+            stop_agreed = stop_agreed or stop
+            grad_norm = None
+            if finite:
+                grad_norm = state.stepper(
+                    loss / accum, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
+                )
+            elif not state.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch} step {step} (global step {state.global_step}); "
+                    "set TRAIN.SKIP_NONFINITE True to skip such steps"
+                )
+            else:
                 logger.warning("skipping step %d of epoch %d: non-finite loss", step, epoch)
                 state.optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
-                continue
-            grad_norm = state.stepper(
-                loss / accum, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
-            )
-        if update:
-            state.global_step += 1
-            state.scheduler.step_update(state.global_step)
-        loss_meter.update(loss.item(), targets.size(0))
-        if grad_norm is not None:
-            norm_meter.update(float(grad_norm))
-        images += samples.size(0)
+                meters.skipped_steps += 1
+        if finite:
+            if update:
+                state.global_step += 1
+                state.scheduler.step_update(state.global_step)
+            meters.loss.update(loss.item(), targets.size(0))
+            if grad_norm is not None:
+                meters.grad_norm.update(float(grad_norm))
+            images += samples.size(0)
         time_meter.update(time.time() - end)
         end = time.time()
         lr = state.optimizer.param_groups[0]["lr"]
@@ -121,25 +174,29 @@ def train_one_epoch(
             eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - step - 1)))
             logger.info(
                 f"Train: [{epoch}/{num_epochs}][{step}/{num_steps}]\teta {eta} lr {lr:.6f}\t"
-                f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\tloss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
-                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\tmem {_memory_mb(state.device):.0f}MB"
+                f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
+                f"loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
+                f"grad_norm {meters.grad_norm.val:.4f} ({meters.grad_norm.avg:.4f})\t"
+                f"mem {_memory_mb(state.device):.0f}MB"
             )
             if state.metrics is not None:
                 state.metrics.add_scalars(
                     state.global_step,
-                    {"train/loss": loss_meter.val, "train/lr": lr, "train/grad_norm": norm_meter.val},
+                    {"train/loss": meters.loss.val, "train/lr": lr, "train/grad_norm": meters.grad_norm.val},
                 )
-        if state.should_stop():
+        if stop_agreed and update:
+            state.stopped = True
             logger.info("stop requested: leaving epoch %d after step %d", epoch, step)
             break
     epoch_time = time.time() - start
     return {
-        "train_loss": loss_meter.avg,
+        "train_loss": meters.loss.avg,
         "lr": state.optimizer.param_groups[0]["lr"],
-        "grad_norm": norm_meter.avg,
+        "grad_norm": meters.grad_norm.avg,
+        "skipped_steps": meters.skipped_steps,
         "epoch_time": epoch_time,
         "images_per_s": images / max(epoch_time, 1e-9),
-        "steps_done": step + 1 if num_steps else start_step,
+        "steps_done": step + 1,
     }
 
 

@@ -5,6 +5,14 @@
 
 torchrun provides RANK / WORLD_SIZE / LOCAL_RANK; plain ``python main.py`` runs one process (CPU when
 there is no GPU). Everything a run writes lands in <OUTPUT>/<MODEL.NAME>/<TAG>/.
+
+Reliability: a run restarted with the same command resumes from the newest valid checkpoint and ends
+bit for bit where an uninterrupted run would (the checkpoint holds the model, optimizer, scheduler,
+loss scale, position within the epoch and every rank's RNG state). SIGTERM or SIGUSR1 makes every
+rank finish its step, write a checkpoint at that step and exit 0; torchrun forwards SIGTERM to the
+workers (add ``--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` for SIGUSR1, and raise
+``--shutdown-timeout`` above 30 s if saving takes longer). Bad input ends the run with a one-line error
+and exit status 1 (2 for command-line and config errors); the full traceback goes to the rank's log file.
 """
 
 from __future__ import annotations
@@ -16,27 +24,54 @@ import logging
 import os
 import random
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from config import ConfigError, get_config
-from data import build_loader
-from engine import NonFiniteLossError, TrainState, evaluate, measure_throughput, train_one_epoch
+from data import DataBundle, build_loader
+from data.resumable import resumable_sampler
+from engine import EpochMeters, NonFiniteLossError, TrainState, evaluate, measure_throughput, train_one_epoch
 from lr_scheduler import build_scheduler
 from models import build_model, load_official_weights
 from optim import build_optimizer, scale_learning_rates
 from utils.amp import GradientStepper, resolve_amp_dtype
-from utils.checkpoint import CheckpointManager, load_checkpoint_file
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint_file,
+    restore_rng_state,
+    write_text_atomic,
+)
+from utils.distributed import (
+    DistInfo,
+    StopRequest,
+    all_gather_objects,
+    any_rank,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
 from utils.logger import create_logger
 from utils.metrics import MetricsWriter
 
+# Errors that mean bad input or a failed run rather than a bug: reported as one line, exit status 1.
+# (DistError: a collective failed, usually because another rank died or timed out.)
+RUN_ERRORS = (ValueError, OSError, NonFiniteLossError, CheckpointError, dist.DistError)
+# A message longer than this (e.g. from a collective's C++ backend) is cut in the one-line report.
+_MAX_ERROR_CHARS = 600
+
 
 class StrictArgumentParser(argparse.ArgumentParser):
-    """argparse that names the closest valid flag when given an unknown one."""
+    """argparse that names the closest valid flag when given an unknown one, and errors in one line."""
 
     def error(self, message: str) -> None:
         if "unrecognized arguments" in message:
@@ -46,7 +81,7 @@ class StrictArgumentParser(argparse.ArgumentParser):
                 if match:
                     message += f" (did you mean {match[0]}?)"
                     break
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")  # one line, no usage block
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="evaluate only")
     parser.add_argument("--throughput", action="store_true", help="measure throughput only")
     parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a collective waits for the other ranks before the job fails (default 1800)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -86,42 +128,184 @@ def build_criterion(config, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def _checkpoint_dict(checkpoint: Any, path: str) -> dict:
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    return checkpoint
+
+
 def load_model_weights(model: nn.Module, path: str, logger: logging.Logger) -> dict:
-    """Load ``path`` (ours, or a released checkpoint / bare state dict) into ``model``; returns the checkpoint."""
-    checkpoint = load_checkpoint_file(path)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    load_official_weights(model, state_dict)
+    """Load ``path`` (ours, a released checkpoint, a bare state dict or .safetensors) into ``model``."""
+    checkpoint = _checkpoint_dict(load_checkpoint_file(path), path)
+    load_official_weights(model, checkpoint.get("model", checkpoint))
     logger.info(f"loaded weights from {path}")
     return checkpoint
 
 
 def save_config(config, output: str) -> None:
-    with open(os.path.join(output, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(config.dump())
+    write_text_atomic(os.path.join(output, "config.yaml"), config.dump())
 
 
-def run(config, dist_info: DistInfo, logger: logging.Logger) -> None:
+@dataclass
+class Trainer:
+    """The objects of a training run that a checkpoint saves and restores."""
+
+    config: Any
+    dist_info: DistInfo
+    model: nn.Module  # wrapped in DDP when distributed
+    model_without_ddp: nn.Module
+    data: DataBundle
+    state: TrainState
+    checkpoints: CheckpointManager
+    metrics: MetricsWriter
+    logger: logging.Logger
+
+
+@dataclass
+class ResumePoint:
+    """Where training (re)starts: the first step of ``epoch`` not done yet, and the averages so far."""
+
+    epoch: int = 0
+    step: int = 0  # batches of ``epoch`` already done (non-zero after a mid-epoch stop)
+    max_accuracy: float = 0.0
+    meters: EpochMeters | None = None  # this rank's averages over those batches
+
+
+def _save_checkpoint(
+    trainer: Trainer,
+    epoch: int,
+    step: int,
+    epoch_done: bool,
+    max_accuracy: float,
+    meters: EpochMeters,
+    is_best: bool = False,
+    periodic: bool = False,
+) -> None:
+    """Write everything a bit-exact resume needs; every rank's RNG state and averages are gathered to rank 0.
+
+    ``step`` is the number of batches of ``epoch`` done (``CheckpointManager.latest_valid`` ranks
+    checkpoints by epoch, then step); ``epoch_done`` says whether evaluation and the metrics row of
+    ``epoch`` are done too. Collective: every rank must call it.
+    """
+    config, state = trainer.config, trainer.state
+    rank_states = all_gather_objects({"rng": capture_rng_state(), "meters": meters.state_dict()})
+    if trainer.dist_info.rank == 0:
+        trainer.checkpoints.save(
+            {
+                "model": trainer.model_without_ddp.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "lr_scheduler": state.scheduler.state_dict(),
+                "scaler": state.stepper.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "epoch_done": epoch_done,
+                "global_step": state.global_step,
+                "max_accuracy": max_accuracy,
+                # The training order and every random number are functions of (seed, epoch, step).
+                "seed": config.SEED,
+                "world_size": trainer.dist_info.world_size,
+                "batch_size": config.DATA.BATCH_SIZE,
+                "rank_states": rank_states,
+                "config": config.dump(),
+            },
+            epoch=epoch,
+            is_best=is_best,
+            periodic=periodic,
+        )
+    barrier()
+
+
+def _find_checkpoint(trainer: Trainer) -> tuple[str, dict] | None:
+    """The checkpoint to resume from: MODEL.RESUME, else (with AUTO_RESUME) the newest valid one.
+
+    Rank 0 picks the file and the others load the same one.
+    """
+    config, logger = trainer.config, trainer.logger
+    if config.MODEL.RESUME:
+        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME)
+    if not config.TRAIN.AUTO_RESUME:
+        return None
+    found = trainer.checkpoints.latest_valid() if trainer.dist_info.rank == 0 else None
+    path = broadcast_object(found[0] if found else None)
+    if path is None:
+        return None
+    logger.info(f"auto-resuming from {path}")
+    return path, found[1] if found else load_checkpoint_file(path)
+
+
+def _restore_rank_state(trainer: Trainer, checkpoint: dict, epoch_done: bool) -> EpochMeters | None:
+    """Restore this rank's RNG state (and, mid-epoch, its averages) when the world size is unchanged."""
+    rank_states = checkpoint.get("rank_states")
+    world_size, rank = trainer.dist_info.world_size, trainer.dist_info.rank
+    if not rank_states:
+        return None
+    if len(rank_states) != world_size:
+        trainer.logger.warning(
+            f"checkpoint was written by {len(rank_states)} processes, resuming with {world_size}: "
+            "random numbers and the data split differ from an uninterrupted run"
+        )
+        return None
+    restore_rng_state(rank_states[rank]["rng"])
+    if epoch_done:
+        return None
+    meters = EpochMeters()
+    meters.load_state_dict(rank_states[rank]["meters"])
+    return meters
+
+
+def resume(trainer: Trainer) -> ResumePoint:
+    """Load the checkpoint to resume from into the run, and return where to continue."""
+    config, state, logger = trainer.config, trainer.state, trainer.logger
+    found = _find_checkpoint(trainer)
+    if found is None:
+        return ResumePoint(epoch=config.TRAIN.START_EPOCH)
+    path, checkpoint = found[0], _checkpoint_dict(found[1], found[0])
+    load_official_weights(trainer.model_without_ddp, checkpoint.get("model", checkpoint))
+    if "optimizer" not in checkpoint:
+        logger.info(f"{path} holds weights only: training starts at epoch {config.TRAIN.START_EPOCH}")
+        return ResumePoint(epoch=config.TRAIN.START_EPOCH)
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    state.stepper.load_state_dict(checkpoint.get("scaler", {}))
+    epoch_done = checkpoint.get("epoch_done", True)  # checkpoints of other trainers: end of an epoch
+    epoch = checkpoint["epoch"] + (1 if epoch_done else 0)
+    state.global_step = checkpoint.get(
+        "global_step", epoch * (len(trainer.data.loader_train) // state.accumulation_steps)
+    )
+    if checkpoint.get("seed", config.SEED) != config.SEED:
+        logger.warning(
+            f"checkpoint was written with SEED {checkpoint['seed']}, resuming with SEED {config.SEED}: "
+            "the data order and random numbers differ from an uninterrupted run"
+        )
+    meters = _restore_rank_state(trainer, checkpoint, epoch_done)
+    point = ResumePoint(epoch, 0 if epoch_done else checkpoint["step"], checkpoint.get("max_accuracy", 0.0), meters)
+    where = f"epoch {point.epoch}" + (f" step {point.step}" if point.step else "")
+    logger.info(f"resumed from {path}: starting at {where}")
+    return point
+
+
+def _keep_metrics_before(path: str, epoch: int, logger: logging.Logger) -> None:
+    """Drop the rows of ``epoch`` and later from metrics.jsonl (they are redone), and unreadable lines."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < epoch:
+            kept.append(line)
+    if len(kept) != len(lines):
+        logger.info(f"metrics.jsonl: dropped {len(lines) - len(kept)} rows from epoch {epoch} on (redone)")
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger, stop: StopRequest) -> Trainer:
     device = dist_info.device
-    amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, device)
-    model = build_model(config).to(device)
-    logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} params")
-    if hasattr(model, "flops"):
-        logger.info(f"number of GFLOPs: {model.flops() / 1e9:.3f}")
-
-    if config.THROUGHPUT_MODE:
-        measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, device, amp_dtype, logger)
-        return
-
     data = build_loader(config, dist_info.rank, dist_info.world_size)
-    if config.EVAL_MODE:
-        if config.MODEL.RESUME:
-            load_model_weights(model, config.MODEL.RESUME, logger)
-        result = evaluate(model, data.loader_val, device, amp_dtype, logger)
-        if dist_info.rank == 0:
-            with open(os.path.join(config.OUTPUT, "eval_results.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-        return
-
     model_without_ddp = model
     if dist_info.is_distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -130,12 +314,12 @@ def run(config, dist_info: DistInfo, logger: logging.Logger) -> None:
     steps_per_epoch = len(data.loader_train) // accumulation
     base_lr, warmup_lr, min_lr = scale_learning_rates(config, dist_info.world_size)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
-    stepper = GradientStepper(amp_dtype, device)
+    amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, device)
     metrics = MetricsWriter(config.OUTPUT, enabled=dist_info.rank == 0)
     state = TrainState(
         optimizer=optimizer,
         scheduler=scheduler,
-        stepper=stepper,
+        stepper=GradientStepper(amp_dtype, device),
         criterion=build_criterion(config, data.mixup_fn is not None),
         device=device,
         amp_dtype=amp_dtype,
@@ -144,72 +328,130 @@ def run(config, dist_info: DistInfo, logger: logging.Logger) -> None:
         print_freq=config.PRINT_FREQ,
         skip_nonfinite=config.TRAIN.SKIP_NONFINITE,
         metrics=metrics,
+        stop_requested=stop,
+        seed=config.SEED,
+        rank=dist_info.rank,
     )
     checkpoints = CheckpointManager(config.OUTPUT, keep=config.SAVE_KEEP, logger=logger)
+    return Trainer(config, dist_info, model, model_without_ddp, data, state, checkpoints, metrics, logger)
 
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    resume_path, checkpoint = config.MODEL.RESUME, None
-    if not resume_path and config.TRAIN.AUTO_RESUME:
-        found = checkpoints.latest_valid()
-        if found is not None:
-            resume_path, checkpoint = found
-            logger.info(f"auto-resuming from {resume_path}")
-    if resume_path:
-        checkpoint = checkpoint or load_checkpoint_file(resume_path)
-        load_official_weights(model_without_ddp, checkpoint["model"] if "model" in checkpoint else checkpoint)
-        if "optimizer" in checkpoint and not config.EVAL_MODE:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            stepper.load_state_dict(checkpoint.get("scaler", {}))
-            start_epoch = checkpoint["epoch"] + 1
-            state.global_step = checkpoint.get("global_step", start_epoch * steps_per_epoch)
-            max_accuracy = checkpoint.get("max_accuracy", 0.0)
-        logger.info(f"resumed from {resume_path}: starting at epoch {start_epoch}")
-    elif config.MODEL.PRETRAINED:
-        from models.finetune import load_pretrained
 
-        load_pretrained(model_without_ddp, load_checkpoint_file(config.MODEL.PRETRAINED), logger)
+def _log_stop(stop: StopRequest, where: str, logger: logging.Logger) -> None:
+    cause = stop.received.name if stop.received else "another rank"
+    logger.info(f"stopped on request ({cause}) {where}; checkpoint saved, rerun the same command to resume")
 
+
+def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger, stop: StopRequest) -> None:
+    """Train from the newest checkpoint (if any) to TRAIN.EPOCHS, or until a stop is requested."""
+    trainer = _build_trainer(config, dist_info, model, logger, stop)
+    model, data, state = trainer.model, trainer.data, trainer.state
+    sampler = resumable_sampler(data.loader_train)
+    batches_per_epoch = len(data.loader_train)
+    point = resume(trainer)
+    if dist_info.rank == 0:
+        _keep_metrics_before(trainer.metrics.jsonl_path, point.epoch, logger)
+    max_accuracy = point.max_accuracy
     logger.info("start training")
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        data.sampler_train.set_epoch(epoch)
+    for epoch in range(point.epoch, config.TRAIN.EPOCHS):
+        resumed = epoch == point.epoch
+        start_step = point.step if resumed else 0
+        meters = point.meters if resumed and point.meters is not None else EpochMeters()
+        sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)  # skips done batches unread
         train_stats = train_one_epoch(
-            model, data.loader_train, state, epoch, config.TRAIN.EPOCHS, data.mixup_fn, logger
+            model, data.loader_train, state, epoch, config.TRAIN.EPOCHS, data.mixup_fn, logger, start_step, meters
         )
-        result = evaluate(model, data.loader_val, device, amp_dtype, logger)
+        if state.stopped and train_stats["steps_done"] < batches_per_epoch:
+            _save_checkpoint(trainer, epoch, train_stats["steps_done"], False, max_accuracy, meters)
+            _log_stop(stop, f"at epoch {epoch} step {train_stats['steps_done']}", logger)
+            break
+        result = evaluate(model, data.loader_val, state.device, state.amp_dtype, logger)
         is_best = result["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, result["acc1"])
-        if dist_info.rank == 0:
-            checkpoints.save(
-                {
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
-                    "scaler": stepper.state_dict(),
-                    "epoch": epoch,
-                    "global_step": state.global_step,
-                    "max_accuracy": max_accuracy,
-                    "config": config.dump(),
-                },
-                epoch=epoch,
-                is_best=is_best,
-                periodic=(epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS,
-            )
-        barrier()
-        row = {"epoch": epoch, **train_stats, **result, "max_acc1": max_accuracy}
         logger.info(f"epoch {epoch}: acc1 {result['acc1']:.2f}% (max {max_accuracy:.2f}%)")
-        metrics.log_epoch(row)
-    metrics.close()
+        # The row goes first: a kill between the two redoes the epoch, whose row resume then drops.
+        trainer.metrics.log_epoch({"epoch": epoch, **train_stats, **result, "max_acc1": max_accuracy})
+        periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
+        _save_checkpoint(trainer, epoch, batches_per_epoch, True, max_accuracy, meters, is_best, periodic)
+        if epoch + 1 < config.TRAIN.EPOCHS and (state.stopped or any_rank(stop(), state.device)):
+            _log_stop(stop, f"after epoch {epoch}", logger)
+            break
+    trainer.metrics.close()
+
+
+def evaluate_checkpoint(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger) -> None:
+    """--eval: load MODEL.RESUME (before reading any data, so a bad file fails fast), evaluate, save results."""
+    if config.MODEL.RESUME:
+        load_model_weights(model, config.MODEL.RESUME, logger)
+    data = build_loader(config, dist_info.rank, dist_info.world_size)
+    amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, dist_info.device)
+    result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger)
+    if dist_info.rank == 0:
+        write_text_atomic(os.path.join(config.OUTPUT, "eval_results.json"), json.dumps(result, indent=2))
+
+
+def _build_model(config) -> nn.Module:
+    """The model; a configuration it cannot be built for is a ValueError that names the sizes involved."""
+    try:
+        return build_model(config)
+    except (ValueError, ArithmeticError) as error:
+        reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        focal = config.MODEL.FOCAL
+        raise ValueError(
+            f"cannot build {config.MODEL.NAME} for DATA.IMG_SIZE {config.DATA.IMG_SIZE}, MODEL.FOCAL.PATCH_SIZE "
+            f"{focal.PATCH_SIZE}, MODEL.FOCAL.WINDOW_SIZE {focal.WINDOW_SIZE}: {reason}"
+        ) from error
+
+
+def run(config, dist_info: DistInfo, logger: logging.Logger) -> None:
+    device = dist_info.device
+    model = _build_model(config).to(device)  # before any data: a config the model cannot take fails here
+    logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} params")
+    if hasattr(model, "flops"):
+        logger.info(f"number of GFLOPs: {model.flops() / 1e9:.3f}")
+    if config.THROUGHPUT_MODE:
+        amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, device)
+        measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, device, amp_dtype, logger)
+    elif config.EVAL_MODE:
+        evaluate_checkpoint(config, dist_info, model, logger)
+    else:
+        if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+            from models.finetune import load_pretrained
+
+            load_pretrained(model, load_checkpoint_file(config.MODEL.PRETRAINED), logger)
+        with StopRequest() as stop:  # installed before the loader starts workers, which inherit it
+            train(config, dist_info, model, logger, stop)
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: 'Type: message', or the original error of one re-raised from a loader worker."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        text = lines[-1]  # "module.Type: message" as the worker raised it
+    else:
+        text = f"{type(error).__name__}: {' '.join(lines)}"
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+
+
+def _load_config(args: argparse.Namespace):
+    """The run's config; ConfigError (one line) for unknown keys, wrong types and unreadable files."""
+    try:
+        return get_config(args)
+    except yaml.YAMLError as error:  # e.g. a python/object tag, refused by yaml.safe_load
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(f"cannot read config file (plain YAML only, no Python tags): {detail}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = get_config(args)
+        config = _load_config(args)
     except ConfigError as error:
         sys.stderr.write(f"focal: error: {error}\n")
         return 2
-    dist_info = init_distributed()
+    if args.dist_timeout <= 0:
+        sys.stderr.write(f"focal: error: --dist-timeout must be > 0 seconds, got {args.dist_timeout}\n")
+        return 2
+    dist_info = init_distributed(timeout_s=args.dist_timeout)
     config.defrost()
     config.LOCAL_RANK = dist_info.local_rank
     config.freeze()
@@ -221,8 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.yaml')}")
     try:
         run(config, dist_info, logger)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
-        logger.error(f"{type(error).__name__}: {error}")
+    except RUN_ERRORS as error:
+        message = one_line(error)
+        logger.debug("traceback of the error below", exc_info=True)  # the log file only
+        logger.error(message)
+        if dist_info.rank != 0:  # only rank 0 logs to the console
+            sys.stderr.write(f"focal: error on rank {dist_info.rank}: {message}\n")
         return 1
     finally:
         cleanup()

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
 from .datasets import FolderDataset, ImageDataset, ZipDataset
+from .resumable import EpochSeededDataset, ResumableSampler
 from .samplers import ShardedEvalSampler, ShardedTrainSampler
 from .toy import toy_data_path
 from .transforms import build_mixup, build_transform
@@ -159,7 +160,10 @@ def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
     return DataBundle(
         dataset_train=dataset_train,
         dataset_val=dataset_val,
-        loader_train=_loader(config, dataset_train, sampler_train, drop_last=True),
+        # batches depend only on (SEED, epoch, position): see resumable.py
+        loader_train=_loader(
+            config, EpochSeededDataset(dataset_train, config.SEED), ResumableSampler(sampler_train), drop_last=True
+        ),
         loader_val=_loader(config, dataset_val, sampler_val, drop_last=False),
         sampler_train=sampler_train,
         mixup_fn=mixup_fn,

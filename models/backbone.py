@@ -27,12 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .focal_attention import FocalWindowAttention
-from .focal_transformer import FocalStage, FocalTransformer
+from .focal_transformer import FocalTransformer
 from .registry import FOCAL_VARIANTS, create_variant
 
 
@@ -50,16 +49,6 @@ def resize_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.
         return grid
     grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1)
-
-
-def run_stage_blocks(stage: FocalStage, x: torch.Tensor) -> torch.Tensor:
-    """The blocks of ``stage`` without its downsampling, honouring its gradient checkpointing flag."""
-    for block in stage.blocks:
-        if stage.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
-    return x
 
 
 class FocalBackbone(nn.Module):
@@ -121,7 +110,7 @@ class FocalBackbone(nn.Module):
         x = self.pos_drop(x)
         features = []
         for i, stage in enumerate(self.layers):
-            x = run_stage_blocks(stage, x)  # (B, h_i, w_i, C_i)
+            x = stage.forward_blocks(x)  # (B, h_i, w_i, C_i)
             if i in self.out_indices:
                 stride = self.stage_strides[i]
                 out = getattr(self, f"norm{i}")(x[:, : math.ceil(H / stride), : math.ceil(W / stride)])

@@ -1,11 +1,18 @@
-"""Focal window attention (v1), exact to the released implementation, computed as one gathered attention.
+"""Focal window attention (v1), exact to the released implementation, computed as gathered attention.
 
 The released code builds the keys of a window from 4 rolled copies of k/v, a boolean index and an
 ``nn.Unfold`` per pooled level, then adds three kinds of position bias piece by piece. Here the same keys
-are gathered once through a precomputed index (``focal_geometry.key_layout``), the same biases are read
-from the concatenated tables through one precomputed index, and a single
-``scaled_dot_product_attention`` call does the rest. Key order, duplicates, wrap-around and masks are
-those of the release, so released weights give the same outputs (see tests/test_golden.py).
+are gathered through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
+concatenated tables through one precomputed index, and a fused attention kernel does the rest. Key order,
+wrap-around and masks are those of the release, so released weights give the same outputs (see
+tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
+
+- ring keys the release repeats (same token, own bias column) are merged into one key whose bias is the
+  log-sum-exp of theirs (``focal_geometry.merged_key_columns``);
+- on CPU the attention runs one image at a time, so the gathered keys (3-5x the size of the map) stay
+  small enough to be reused from the allocator's cache, and training goes through
+  ``PerImageFocalAttention``, which saves the ungathered key source instead of the gathered keys and
+  computes the bias gradient the fused CPU kernel does not provide.
 """
 
 from __future__ import annotations
@@ -14,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .focal_geometry import (
+    merged_key_columns,
     pooled_window_size,
     relative_position_index,
     released_valid_ind_rolled,
     released_valid_ind_unfold,
-    window_partition,
-    window_reverse,
 )
 
 
@@ -38,6 +45,154 @@ def focal_attention(
     q: (B, G, Lq, hd); k, v: (B, G, Lk, hd); bias broadcastable to (B, G, Lq, Lk).
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+
+
+# ---- layout helpers -----------------------------------------------------------------------------------------
+
+
+def map_to_window_heads(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
+    """(B, Hp, Wp, C) map -> (B, nW, nH, ws*ws, hd): windows row-major, then heads, then tokens row-major."""
+    B, Hp, Wp, C = x.shape
+    ws = window_size
+    x = x.view(B, Hp // ws, ws, Wp // ws, ws, num_heads, C // num_heads)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, num_heads, ws * ws, C // num_heads)
+
+
+def write_window_heads(dst: torch.Tensor, windows: torch.Tensor) -> None:
+    """Copy (nW, nH, ws*ws, hd) windows of one image (any strides) into its (Hp, Wp, C) map ``dst``."""
+    Hp, Wp, _ = dst.shape
+    nW, nH, n, hd = windows.shape
+    ws = round(n**0.5)
+    nWh, nWw = Hp // ws, Wp // ws
+    target = dst.view(nWh, ws, nWw, ws, nH, hd)
+    target.copy_(windows.reshape(nWh, nWw, nH, ws, ws, hd).permute(0, 3, 1, 4, 2, 5))
+
+
+def image_keys_values(kv_source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Keys and values of one image: (L, 2C) source, (nW, N) index -> (nW, N, 2, nH, hd), one gather."""
+    n_windows, n_keys = key_index.shape
+    kv = kv_source.index_select(0, key_index.reshape(-1))  # (nW*N, 2C)
+    return kv.view(n_windows, n_keys, 2, num_heads, -1)
+
+
+def _flash_cpu(q, k, v, bias, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
+class PerImageFocalAttention(torch.autograd.Function):
+    """Focal attention on CPU, one image at a time, with a memory-lean backward.
+
+    Inputs: q (B, nW, nH, n, hd), kv_source (B, L, 2C), key_index (nW, N) into the source, bias
+    (nW, nH, n, N), the scale and the map size (Hp, Wp). Output: the (B, Hp, Wp, C) map of attended values.
+    The forward runs the fused CPU kernel per image (its gathered keys are dropped at once); the backward
+    gathers them again, recomputes the probabilities of one image at a time from the saved log-sum-exp and
+    returns the gradients of q, the key source (scattered back through the index) and the bias (summed
+    over images), which the fused kernel's own backward does not give.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kv_source, key_index, bias, scale, map_size):
+        B, n_windows, nH, n, hd = q.shape
+        out = q.new_empty(B, *map_size, nH * hd)
+        lse = q.new_empty(B, n_windows, nH, n)
+        for b in range(B):
+            kv = image_keys_values(kv_source[b], key_index, nH)  # (nW, N, 2, nH, hd)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (nW, nH, N, hd)
+            o, lse_b = _flash_cpu(q[b], k, v, bias, scale)
+            write_window_heads(out[b], o)
+            lse[b] = lse_b
+        ctx.scale = scale
+        ctx.save_for_backward(q, kv_source, key_index, bias, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
+        need_q, need_kv, _, need_bias = ctx.needs_input_grad[:4]
+        scale = ctx.scale
+        B, n_windows, nH, n, hd = q.shape
+        n_keys = key_index.shape[1]
+        G = n_windows * nH
+        grad_q = torch.empty_like(q) if need_q else None
+        grad_kv = torch.zeros_like(kv_source) if need_kv else None
+        acc_dtype = torch.promote_types(bias.dtype, torch.float32)
+        grad_bias = torch.zeros(G, n, n_keys, dtype=acc_dtype, device=bias.device) if need_bias else None
+        bias = bias.reshape(G, n, n_keys)
+        flat_index = key_index.reshape(-1)
+        for b in range(B):
+            kv = image_keys_values(kv_source[b], key_index, nH)  # (nW, N, 2, nH, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).reshape(2, G, n_keys, hd).unbind(0)  # (G, N, hd) each
+            qs = q[b].reshape(G, n, hd) * scale
+            do = map_to_window_heads(grad_out[b : b + 1], round(n**0.5), nH).reshape(G, n, hd)
+            delta = map_to_window_heads((grad_out[b : b + 1] * out[b : b + 1]), round(n**0.5), nH).sum(-1)
+            p = torch.baddbmm(bias, qs, k.transpose(1, 2)).sub_(lse[b].reshape(G, n, 1)).exp_()  # (G, n, N)
+            ds = torch.bmm(do, v.transpose(1, 2)).sub_(delta.reshape(G, n, 1)).mul_(p)
+            if grad_bias is not None:
+                grad_bias.add_(ds)
+            if grad_q is not None:
+                grad_q[b] = torch.bmm(ds, k).mul_(scale).view(n_windows, nH, n, hd)
+            if grad_kv is not None:
+                dkv = torch.stack([torch.bmm(ds.transpose(1, 2), qs), torch.bmm(p.transpose(1, 2), do)])
+                dkv = dkv.view(2, n_windows, nH, n_keys, hd).permute(1, 3, 0, 2, 4).reshape(-1, kv_source.shape[-1])
+                grad_kv[b].index_add_(0, flat_index, dkv)
+        if grad_bias is not None:
+            grad_bias = grad_bias.view(n_windows, nH, n, n_keys).to(bias.dtype)
+        return grad_q, grad_kv, None, grad_bias, None, None
+
+
+def attend_per_image(
+    q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor, scale: float,
+    map_size: tuple[int, int],
+) -> torch.Tensor:
+    """``windowed_focal_attention`` one image at a time, without dropout (the CPU path)."""
+    if torch.is_grad_enabled() and (q.requires_grad or kv_source.requires_grad or bias.requires_grad):
+        return PerImageFocalAttention.apply(q, kv_source, key_index, bias, scale, map_size)
+    B, _, nH, _, hd = q.shape
+    out = q.new_empty(B, *map_size, nH * hd)
+    for b in range(B):
+        kv = image_keys_values(kv_source[b], key_index, nH)  # (nW, N, 2, nH, hd)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (nW, nH, N, hd)
+        write_window_heads(out[b], F.scaled_dot_product_attention(q[b], k, v, attn_mask=bias, scale=scale))
+    return out
+
+
+def attend_batched(
+    q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor, scale: float,
+    dropout_p: float, map_size: tuple[int, int],
+) -> torch.Tensor:
+    """``windowed_focal_attention`` for all images in one ``scaled_dot_product_attention`` call."""
+    B, n_windows, nH, n, hd = q.shape
+    n_keys = key_index.shape[1]
+    kv = kv_source.index_select(1, key_index.reshape(-1)).view(B, n_windows, n_keys, 2, nH, hd)
+    k, v = kv.permute(3, 0, 1, 4, 2, 5).reshape(2, B, n_windows * nH, n_keys, hd).unbind(0)
+    bias = bias.reshape(1, n_windows * nH, n, n_keys)
+    out = focal_attention(q.reshape(B, n_windows * nH, n, hd), k, v, bias, scale, dropout_p)  # (B, nW*nH, n, hd)
+    ws = round(n**0.5)
+    Hp, Wp = map_size
+    out = out.view(B, Hp // ws, Wp // ws, nH, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, Hp, Wp, nH * hd)
+
+
+def windowed_focal_attention(
+    q: torch.Tensor,
+    kv_source: torch.Tensor,
+    key_index: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    map_size: tuple[int, int],
+) -> torch.Tensor:
+    """Attention of every window's queries to its gathered keys, returned as a (B, Hp, Wp, C) map.
+
+    q: (B, nW, nH, n, hd); kv_source: (B, L, 2C) with k then v, heads-major within each; key_index: (nW, N)
+    into the source; bias: (nW, nH, n, N), shared by the images. On CPU without dropout the images are
+    attended one at a time (``PerImageFocalAttention`` when gradients are needed); elsewhere all at once.
+    """
+    bias, kv_source = bias.to(q.dtype), kv_source.to(q.dtype)
+    if q.device.type == "cpu" and dropout_p == 0.0:
+        return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
+    return attend_batched(q, kv_source, key_index, bias, scale, dropout_p, map_size)
 
 
 class FocalWindowAttention(nn.Module):
@@ -85,7 +240,14 @@ class FocalWindowAttention(nn.Module):
             table = nn.Parameter(torch.zeros(num_heads, side * side))
             trunc_normal_(table, std=0.02)
             self.relative_position_bias_table_to_windows.append(table)
-        self.register_buffer("bias_index", self._build_bias_index(), persistent=False)
+        bias_index = self._build_bias_index()
+        self.register_buffer("bias_index", bias_index, persistent=False)
+        n_pooled_keys = sum(pooled_window_size(focal_window, k) ** 2 for k in range(num_pooled_levels))
+        columns = merged_key_columns(window_size, expand_size, n_pooled_keys)  # (N_merged, m)
+        self.register_buffer("merged_columns", columns[:, 0].contiguous(), persistent=False)
+        n_table = int(bias_index.max()) + 1
+        merged_index = torch.where(columns >= 0, bias_index[:, columns.clamp(min=0)], n_table)  # (ws^2, N', m)
+        self.register_buffer("merged_bias_index", merged_index, persistent=False)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -110,13 +272,25 @@ class FocalWindowAttention(nn.Module):
             offset += (ws + size - 1) ** 2
         return torch.cat(parts, 1)
 
-    def position_bias(self) -> torch.Tensor:
-        """Learned bias of every query to every key slot: (nH, ws^2, N)."""
+    def _bias_tables(self) -> torch.Tensor:
+        """All bias tables concatenated heads-first: (nH, total entries)."""
         tables = [self.relative_position_bias_table.t()]
         if self.expand_size > 0:
             tables.append(self.relative_position_bias_table_to_neighbors.flatten(2)[0])
         tables.extend(self.relative_position_bias_table_to_windows)
-        return torch.cat(tables, 1)[:, self.bias_index]
+        return torch.cat(tables, 1)
+
+    def position_bias(self) -> torch.Tensor:
+        """Learned bias of every query to every released key slot: (nH, ws^2, N)."""
+        return self._bias_tables()[:, self.bias_index]
+
+    def merged_position_bias(self) -> torch.Tensor:
+        """Bias of every query to every merged key (repeated ring keys log-sum-exp'ed): (nH, ws^2, N')."""
+        tables = self._bias_tables()
+        if self.merged_bias_index.shape[-1] == 1:
+            return tables[:, self.merged_bias_index[..., 0]]
+        tables = torch.cat([tables, tables.new_full((tables.shape[0], 1), float("-inf"))], 1)
+        return tables[:, self.merged_bias_index].logsumexp(-1)
 
     def released_buffers(self) -> dict[str, torch.Tensor]:
         """The derived index buffers the released module stores in its state_dict, by name."""
@@ -135,28 +309,23 @@ class FocalWindowAttention(nn.Module):
     ) -> torch.Tensor:
         """x: padded (shifted) map (B, Hp, Wp, C); pooled: maps (B, gh_k, gw_k, C); returns (B, Hp, Wp, C).
 
-        key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout``.
+        key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout`` (released key order).
         """
         B, Hp, Wp, C = x.shape
         ws, nH = self.window_size, self.num_heads
-        n_windows, n_keys = key_index.shape
         qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
-        q = window_partition(qkv[..., :C], ws)  # (B, nW, ws*ws, C)
-        q = q.view(B, n_windows, ws * ws, nH, C // nH).transpose(2, 3).reshape(B, n_windows * nH, ws * ws, -1)
+        q = map_to_window_heads(qkv[..., :C], ws, nH)  # (B, nW, nH, ws*ws, hd)
 
-        # Key source: full-resolution k/v, then k/v of each pooled map, then a zero slot.
+        # Key source: full-resolution k/v, then k/v of each pooled map, then a zero slot: (B, L, 2C).
         kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        sources = [qkv[..., C:].reshape(B, Hp * Wp, 2 * C)]
-        sources += [F.linear(p, kv_weight, kv_bias).reshape(B, -1, 2 * C) for p in pooled]
+        sources = [qkv[..., C:].flatten(1, 2)]
+        sources += [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
         sources.append(qkv.new_zeros(B, 1, 2 * C))
-        kv = torch.cat(sources, 1)[:, key_index.view(-1)]  # (B, nW*N, 2C)
-        kv = kv.view(B, n_windows, n_keys, 2, nH, C // nH).permute(3, 0, 1, 4, 2, 5)  # (2, B, nW, nH, N, hd)
-        k, v = kv.reshape(2, B, n_windows * nH, n_keys, C // nH).unbind(0)
+        kv_source = torch.cat(sources, 1)
 
-        bias = self.position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N)
-        bias = bias.reshape(1, n_windows * nH, ws * ws, n_keys)
+        columns = self.merged_columns
+        key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
+        bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
         dropout_p = self.attn_drop if self.training else 0.0
-        out = focal_attention(q, k, v, bias, self.scale, dropout_p)  # (B, nW*nH, ws*ws, hd)
-        out = out.view(B, n_windows, nH, ws * ws, C // nH).transpose(2, 3).reshape(B, n_windows, ws * ws, C)
-        out = self.proj_drop(self.proj(out))
-        return window_reverse(out, ws, Hp, Wp)
+        out = windowed_focal_attention(q, kv_source, key_index, bias, self.scale, dropout_p, (Hp, Wp))
+        return self.proj_drop(self.proj(out))

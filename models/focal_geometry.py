@@ -77,6 +77,27 @@ def ring_offsets(window_size: int, expand_size: int) -> list[tuple[int, int]]:
     return offsets
 
 
+def merged_key_columns(window_size: int, expand_size: int, num_pooled_keys: int) -> torch.Tensor:
+    """Released key columns grouped by the token they read: (N_merged, m) column indices, -1 padded.
+
+    The released ring repeats some tokens (``ring_offsets``: 12 of 132 at ws 7, e 3). A repeated key has the
+    same k and v in every window, so the columns that read it can be merged into one key whose bias is the
+    log-sum-exp of their biases: exp(s + b1) + exp(s + b2) = exp(s + log(exp(b1) + exp(b2))), the softmax
+    and the output are unchanged. Row i lists the released columns of merged key i: the window columns,
+    the distinct ring offsets in first-occurrence order, then the ``num_pooled_keys`` pooled columns.
+    """
+    ws2 = window_size * window_size
+    groups: dict[tuple[int, int], list[int]] = {}
+    if expand_size > 0:
+        for column, offset in enumerate(ring_offsets(window_size, expand_size), start=ws2):
+            groups.setdefault(offset, []).append(column)
+    n_ring = sum(len(columns) for columns in groups.values())
+    rows = [[c] for c in range(ws2)] + list(groups.values())
+    rows += [[c] for c in range(ws2 + n_ring, ws2 + n_ring + num_pooled_keys)]
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
 def released_valid_ind_unfold(focal_window: int, level: int) -> torch.Tensor:
     """The released ``valid_ind_unfold_k``: bottom-right (fw + 2^k - 1)^2 part of the unfold kernel."""
     kernel = unfold_kernel_size(focal_window, level)

@@ -130,6 +130,7 @@ class FocalBlock(nn.Module):
         layerscale_value: float = 1e-4,
     ) -> None:
         super().__init__()
+        self._other_layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _attend
         H, W = input_resolution
         if min(H, W) <= window_size:  # one window covers the map (released rule, note the <=)
             window_size, expand_size, shift_size = min(H, W), 0, 0
@@ -144,9 +145,9 @@ class FocalBlock(nn.Module):
         self.dim = dim
         num_pooled = focal_level - 1 if pool_method != "none" and focal_level > 1 else 0
         self.num_pooled_levels = num_pooled
-        self._check_config()
-        if focal_level <= 0:
+        if focal_level <= 0:  # no ring without focal levels (released rule), whatever expand_size says
             self.expand_size = 0
+        self._check_config()
 
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
@@ -230,8 +231,11 @@ class FocalBlock(nn.Module):
         """Attention of the padded, shifted map (B, Hp, Wp, C) given its pooled maps; same shape out."""
         if x.shape[1:3] == self._padded(*self.input_resolution):
             key_index, key_mask = self.key_index, self.key_mask
-        else:  # another input size: the layout depends only on the padded size
-            key_index, key_mask = (t.to(x.device) for t in self._key_layout(*x.shape[1:3]))
+        else:  # another input size: the layout depends only on the padded size, cached per size and device
+            cache_key = (*x.shape[1:3], x.device)
+            if cache_key not in self._other_layouts:
+                self._other_layouts[cache_key] = tuple(t.to(x.device) for t in self._key_layout(*x.shape[1:3]))
+            key_index, key_mask = self._other_layouts[cache_key]
         return self.attn(x, pooled, key_index, key_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,12 +323,17 @@ class FocalStage(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks without the downsampling (honouring gradient checkpointing): (B, H, W, C) -> same."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
         if self.downsample is not None:
             x = self.downsample(x.permute(0, 3, 1, 2))
         return x
@@ -400,7 +409,10 @@ class FocalTransformer(nn.Module):
         super().__init__()
         if focal_pool not in POOL_METHODS:
             raise ValueError(f"focal_pool must be one of {POOL_METHODS}, got {focal_pool!r}")
-        img_size = to_2tuple(img_size)[0]
+        img_h, img_w = to_2tuple(img_size)
+        if img_h != img_w:
+            raise ValueError(f"img_size must be square (the released model assumes it), got {img_h}x{img_w}")
+        img_size = img_h
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -478,6 +490,12 @@ class FocalTransformer(nn.Module):
         """(B, C, H, W) images -> normalised last-stage map (B, h, w, num_features)."""
         x = self.patch_embed(x)  # (B, H, W, D)
         if self.ape:
+            if x.shape[1] * x.shape[2] != self.absolute_pos_embed.shape[1]:
+                raise ValueError(
+                    f"absolute_pos_embed holds {self.absolute_pos_embed.shape[1]} positions but the input gives a "
+                    f"{x.shape[1]}x{x.shape[2]} token map: build the model at this img_size (or fine-tune with "
+                    "--pretrained, which resizes it)"
+                )
             x = x + self.absolute_pos_embed.view(1, x.shape[1], x.shape[2], -1)
         x = self.pos_drop(x)
         for stage in self.layers:

@@ -114,19 +114,22 @@ def test_state_dict_of_a_deeper_model_names_missing_blocks(default):
 
 
 @pytest.mark.parametrize(
-    "key",
+    "fixture_name, key",
     [
-        "layers.0.blocks.0.attn.valid_ind_rolled",
-        "layers.1.blocks.1.attn.relative_position_index",
-        "layers.0.blocks.1.attn.relative_position_index_0",
+        ("p01_default_fc_224", "layers.0.blocks.0.attn.valid_ind_rolled"),
+        ("p01_default_fc_224", "layers.2.blocks.1.attn.relative_position_index"),
+        ("p01_default_fc_224", "layers.1.blocks.0.attn.relative_position_index_0"),
+        ("p03_levels3_fc_168", "layers.0.blocks.0.attn.valid_ind_unfold_1"),
     ],
 )
-def test_tampered_index_buffer_is_named(default, key):
-    state_dict = dict(default["state_dict"])
+def test_tampered_index_buffer_is_named(fixture_name, key):
+    fixture = load_fixture(FIXTURES / "golden" / f"{fixture_name}.pt")
+    state_dict = dict(fixture["state_dict"])
     tampered = state_dict[key].clone()
     tampered.view(-1)[[0, 1]] = tampered.view(-1)[[1, 0]]
+    assert not torch.equal(tampered, state_dict[key])
     state_dict[key] = tampered
-    message = _mismatch(_model(default["kwargs"]), state_dict)
+    message = _mismatch(_model(fixture["kwargs"]), state_dict)
     assert f"derived buffers differ from this configuration: {key}" in message
 
 

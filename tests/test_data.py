@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import socket
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -139,6 +141,14 @@ def test_toy_generation_by_concurrent_processes(toy_dir: Path, tmp_path: Path) -
     final = toy_dataset_dir(tmp_path, TOY_SIZE, TOY_TRAIN, TOY_VAL)
     assert [p.name for p in tmp_path.iterdir()] == [final.name]  # no temporary folder or lock left
     assert _files(final) == _files(toy_dir)
+
+
+def test_toy_generation_removes_the_lock_of_a_dead_process(toy_dir: Path, tmp_path: Path) -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    final = toy_dataset_dir(tmp_path, TOY_SIZE, TOY_TRAIN, TOY_VAL)
+    (tmp_path / f"{final.name}.lock").write_text(f"{socket.gethostname()} {finished.pid}")
+    assert _files(_toy(tmp_path)) == _files(toy_dir)
 
 
 def test_toy_incomplete_folder_is_an_error(tmp_path: Path) -> None:

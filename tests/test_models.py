@@ -60,8 +60,8 @@ def tiny_model(name: str, **overrides) -> torch.nn.Module:
     return timm.create_model(name, **dict(tiny_kwargs(name), **overrides))
 
 
-# A small v1 configuration with every window larger than 1 and no window shrink at 64 or 96 px, so its
-# parameters do not depend on the input size: stage maps 16/8/4 (64 px) or 24/12/6 (96 px) with window 2.
+# A small v1 configuration whose windows never shrink at 64 or 96 px, so its parameters do not depend on the
+# input size: stage maps 16/8/4 (64 px) or 24/12/6 (96 px) with window 2, shifted odd blocks, two pooled levels.
 SIZE_FREE = dict(
     img_size=64,
     embed_dim=8,
@@ -148,8 +148,10 @@ def test_pretrained_true_is_a_clear_error(create):
 
 @contextlib.contextmanager
 def skipped_trunc_normal_init() -> Iterator[None]:
-    """Leave trunc-normal-initialised tensors as constructed: most of the build time of a full-size model, and
-    irrelevant to counts, shapes and FLOPs."""
+    """Skip timm's trunc_normal_ init inside the models package.
+
+    It is most of the build time of a full-size model, and counts, shapes and FLOPs do not depend on it.
+    """
     with pytest.MonkeyPatch.context() as patch:
         for module_name, module in list(sys.modules.items()):
             if module_name.startswith("models.") and hasattr(module, "trunc_normal_"):
@@ -235,6 +237,53 @@ def test_focal_tiny_key_counts_per_stage():
     assert model.layers[0].blocks[0].key_index.shape[1] == 230 + 64
 
 
+# ---- released per-block rules -------------------------------------------------------------------------------------
+
+
+def _blocks(model: FocalTransformer) -> list[list]:
+    return [list(stage.blocks) for stage in model.layers]
+
+
+def test_expand_layer_names_read_backwards():
+    """'even' turns the ring off in even-index blocks, 'odd' in odd-index ones (released naming)."""
+    base = dict(SMALL, depths=(4, 1, 1, 1))
+    for layer, expected in (("all", [3, 3, 3, 3]), ("even", [0, 3, 0, 3]), ("odd", [3, 0, 3, 0])):
+        model = FocalTransformer(**base, expand_sizes=(3, 3, 3, 3), expand_layer=layer)
+        assert [block.expand_size for block in model.layers[0].blocks] == expected, layer
+
+
+def test_use_shift_shifts_odd_blocks_by_half_a_window():
+    model = FocalTransformer(**dict(SMALL, img_size=112, depths=(3, 1, 1, 1), use_shift=True))
+    assert [block.shift_size for block in model.layers[0].blocks] == [0, 3, 0]
+
+
+def test_window_shrinks_when_it_covers_the_map():
+    """Map side <= window: the window becomes the map, ring and shift off; side 8 > 7 is padded instead."""
+    model = FocalTransformer(**dict(SMALL, img_size=256, expand_sizes=(3,) * 4))
+    stage2, stage3 = model.layers[2].blocks[0], model.layers[3].blocks[0]
+    assert (stage2.input_resolution, stage2.window_size, stage2.expand_size) == ((16, 16), 7, 3)
+    assert (stage3.input_resolution, stage3.window_size, stage3.expand_size) == ((8, 8), 7, 3)
+    assert stage3.key_index.shape[0] == 4  # padded to 14x14: 2x2 windows
+    model = FocalTransformer(**dict(SMALL, img_size=224, depths=(1, 1, 1, 2), use_shift=True, focal_levels=(2,) * 4))
+    last = model.layers[3].blocks[1]
+    assert (last.window_size, last.expand_size, last.shift_size) == (7, 0, 0)
+    assert last.attn.relative_position_bias_table.shape == (13 * 13, 1)
+    assert last.pool_layers[0].weight.shape == (1, 49)  # fc pooling of the whole 7x7 map
+
+
+def test_stage_outside_focal_stages_keeps_its_ring_but_no_pooled_level():
+    model = FocalTransformer(
+        **dict(SMALL, img_size=224, focal_levels=(2,) * 4, focal_stages=(0,), expand_sizes=(3,) * 4)
+    )
+    assert [stage.blocks[0].key_index.shape[1] for stage in model.layers] == [49 + 132 + 49, 49 + 132, 49 + 132, 49]
+
+
+def test_focal_level_zero_has_no_ring():
+    model = FocalTransformer(**dict(SMALL, img_size=224, focal_levels=(0,) * 4, expand_sizes=(3,) * 4))
+    assert all(block.key_index.shape[1] == 49 for stage in _blocks(model) for block in stage)
+    assert not [n for n, _ in model.named_parameters() if "to_neighbors" in n or "pool_layers" in n]
+
+
 # ---- the model interface ----------------------------------------------------------------------------------------
 
 
@@ -306,15 +355,26 @@ def test_forward_is_features_then_head():
 # ---- input sizes ------------------------------------------------------------------------------------------------
 
 
-def test_other_input_size_equals_a_model_built_for_it():
-    """The on-the-fly key layout (shift mask, ring, pooled levels) is exactly the one built at construction."""
+@pytest.mark.parametrize(
+    "kwargs, built_size",
+    [
+        (SIZE_FREE, 64),
+        (dict(SIZE_FREE, window_size=3, use_shift=False), 80),  # maps 20/10/5 padded to 21/12/6 (96 px: none)
+    ],
+    ids=["shift_window2", "padded_window3"],
+)
+def test_other_input_size_equals_a_model_built_for_it(kwargs, built_size):
+    """The on-the-fly key layout (shift mask, ring, pooled levels, padding) is exactly the one built at construction."""
     torch.manual_seed(0)
-    built_64 = FocalTransformer(**SIZE_FREE).double().eval()
-    built_96 = FocalTransformer(**dict(SIZE_FREE, img_size=96)).double().eval()
-    built_96.load_state_dict(built_64.state_dict())
+    built_small = FocalTransformer(**dict(kwargs, img_size=built_size)).double().eval()
+    built_96 = FocalTransformer(**dict(kwargs, img_size=96)).double().eval()
+    built_96.load_state_dict(built_small.state_dict())
     x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(built_64(x), built_96(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(built_small(x), built_96(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 3, built_size, built_size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(built_96(x), built_small(x), rtol=1e-12, atol=1e-12)
 
 
 def test_fp32_output_at_another_input_size_is_deterministic():
@@ -383,14 +443,20 @@ def test_configuration_the_release_runs_builds_and_runs(overrides):
         assert torch.isfinite(model(torch.randn(1, 3, size, size))).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: FocalBlock checks expand_size > window before focal_level 0 turns the ring off; the release "
-    "never builds a ring at focal_level 0 and runs this configuration",
-)
 def test_focal_level_zero_ignores_expand_size():
     model = FocalTransformer(**dict(SMALL, window_size=2, focal_levels=(0, 0, 0, 0), expand_sizes=(3, 3, 3, 3)))
     assert all(block.attn.expand_size == 0 for stage in model.layers for block in stage.blocks)
+
+
+def test_absolute_position_embedding_at_another_input_size_is_clear():
+    model = FocalTransformer(**dict(SMALL, ape=True)).eval()
+    with pytest.raises(ValueError, match="absolute_pos_embed"), torch.no_grad():
+        model(torch.randn(1, 3, 96, 96))
+
+
+def test_non_square_img_size_is_refused():
+    with pytest.raises(ValueError, match="square"):
+        FocalTransformer(**dict(SMALL, img_size=(64, 96)))
 
 
 # ---- tools/model_table.py -------------------------------------------------------------------------------------

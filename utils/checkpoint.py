@@ -8,12 +8,15 @@
   config. A file that needs anything else is refused with ``UnsafeCheckpointError``.
 * ``CheckpointManager`` keeps the newest periodic checkpoints plus ``last.pth`` and ``best.pth``, and
   finds the newest one that still loads when resuming.
+* ``.safetensors`` files (a model state dict, written by ``tools/convert_checkpoint.py``, with an
+  optional JSON sidecar holding the config and epoch) load through the same function.
 * RNG state is captured as tensors and Python scalars only, so it loads under ``weights_only`` too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -39,7 +42,10 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint_file",
     "restore_rng_state",
+    "safetensors_sidecar_path",
     "save_checkpoint_atomic",
+    "write_bytes_atomic",
+    "write_text_atomic",
 ]
 
 _logger = get_logger(__name__)
@@ -48,6 +54,9 @@ _PERIODIC_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth")
 _LAST_NAME = "last.pth"
 _BEST_NAME = "best.pth"
 _TEMP_SUFFIX = ".tmp"
+# Temporary files of checkpoints being written by _write_atomically: ".<name>.pth.<32 hex digits>.tmp".
+_TEMP_PATTERN = re.compile(r"\..+\.pth\.[0-9a-f]{32}\.tmp")
+_SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -101,6 +110,16 @@ def _write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
 def save_checkpoint_atomic(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` such that ``path`` never holds a partially written file."""
     _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` such that ``path`` never holds a partially written file."""
+    _write_atomically(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` such that ``path`` never holds a partially written file."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _copy_atomic(source: str, path: str) -> None:
@@ -160,13 +179,48 @@ def _unsafe_globals(path: str) -> list[str]:
         return []
 
 
+def safetensors_sidecar_path(path: str) -> str:
+    """The JSON file next to a ``.safetensors`` file that holds its config and epoch: ``name.json``."""
+    return path[: -len(_SAFETENSORS_SUFFIX)] + ".json"
+
+
+def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
+    """``{'model': state_dict}`` from a safetensors file, plus the entries of its JSON sidecar if any."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = map_location if isinstance(map_location, str) else str(torch.device(map_location))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state_dict = load_file(path, device=device)
+    except (SafetensorError, ValueError, EOFError) as err:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err
+    checkpoint: dict[str, Any] = {}
+    sidecar = safetensors_sidecar_path(path)
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                metadata = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} is not valid JSON: {err}") from err
+        if not isinstance(metadata, dict):
+            raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} must hold a JSON object")
+        checkpoint.update(metadata)
+    checkpoint["model"] = state_dict
+    return checkpoint
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """Load a ``torch.save`` file without ever executing code from it.
+    """Load a ``torch.save`` or ``.safetensors`` file without ever executing code from it.
 
     ``mmap=True`` maps tensor data lazily instead of reading it, which makes checking a large file
     cheap. Raises ``UnsafeCheckpointError`` when the file needs anything outside the allow-list,
     ``CorruptCheckpointError`` when it is truncated or damaged, and ``FileNotFoundError`` when missing.
+    A ``.safetensors`` file gives ``{'model': state_dict}`` plus what its JSON sidecar holds.
     """
+    if str(path).endswith(_SAFETENSORS_SUFFIX):
+        return _load_safetensors(str(path), map_location)
     safe = torch.serialization.safe_globals([(_CfgNodeStandIn, "yacs.config.CfgNode")])
     try:
         with safe:
@@ -216,7 +270,7 @@ class CheckpointManager:
     def _remove_stale_temp_files(self) -> None:
         """Delete temporary files left by a save that was killed (they never hold a valid name)."""
         for name in os.listdir(self.output_dir):
-            if name.startswith(".") and name.endswith(_TEMP_SUFFIX) and ".pth." in name:
+            if _TEMP_PATTERN.fullmatch(name):
                 self.logger.warning("removing %s, left by an interrupted save", name)
                 with contextlib.suppress(FileNotFoundError):  # another rank may have removed it first
                     os.remove(os.path.join(self.output_dir, name))
@@ -268,7 +322,8 @@ class CheckpointManager:
     def latest_valid(self) -> tuple[str, dict[str, Any]] | None:
         """(path, state) of the newest checkpoint that loads, or None when there is none.
 
-        Newest means the highest stored 'epoch', then 'step', then modification time. Corrupt or
+        Newest means the highest stored 'epoch', then 'step' (the batches done within that epoch, which
+        a mid-epoch checkpoint has fewer of than the end-of-epoch one), then modification time. Corrupt or
         truncated files are skipped with a warning naming them; an unsafe file raises
         ``UnsafeCheckpointError`` (it needs a human, not a silent fallback to an older file).
         Damage inside tensor data is not detectable (the format stores no checksums).
@@ -295,9 +350,11 @@ class CheckpointManager:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The RNG state of torch (CPU and every CUDA device), numpy and ``random`` in this process.
+    """The RNG state of torch (CPU and the current CUDA device), numpy and ``random`` in this process.
 
     Only tensors and Python ints / floats / tuples are stored, so it survives weights-only loading.
+    Only the current CUDA device is read: reading the others would create a CUDA context on each GPU
+    from every process of a multi-GPU run.
     """
     _, np_keys, np_pos, np_has_gauss, np_cached_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -310,8 +367,8 @@ def capture_rng_state() -> dict[str, Any]:
         },
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -333,7 +390,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     cuda_states = state.get("cuda")
     if cuda_states is None or not torch.cuda.is_available():
         return
-    if len(cuda_states) != torch.cuda.device_count():
+    if isinstance(cuda_states, torch.Tensor):  # the current device's state
+        torch.cuda.set_rng_state(cuda_states)
+        return
+    if len(cuda_states) != torch.cuda.device_count():  # older checkpoints: one state per device
         _logger.warning(
             "not restoring CUDA RNG state: saved for %d devices, %d visible",
             len(cuda_states),

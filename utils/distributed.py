@@ -1,4 +1,5 @@
-"""Process-group setup for runs started by ``torchrun``, and collectives that are no-ops alone.
+"""Process-group setup for runs started by ``torchrun``, collectives that are no-ops alone, and
+graceful stopping on the signals schedulers send.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR / MASTER_PORT). Without them, or with
 WORLD_SIZE=1, the run is a single process and no process group is created, so the same code runs
@@ -9,14 +10,30 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from utils.logger import get_logger
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "init_distributed", "is_main_process"]
+__all__ = [
+    "STOP_SIGNALS",
+    "DistInfo",
+    "StopRequest",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "init_distributed",
+    "is_main_process",
+]
 
 _logger = get_logger(__name__)
 
@@ -97,3 +114,64 @@ def cleanup() -> None:
     """Leave the process group, if one was joined."""
     if _distributed():
         dist.destroy_process_group()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` in a single process)."""
+    if not _distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable), on every rank (``obj`` itself in a single process)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (``device``: where the backend reduces)."""
+    if not _distributed():
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+# What SLURM (``--signal``, ``scancel``), Kubernetes and cloud schedulers send before they kill a job.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Turns the stop signals into a flag the training loop polls between steps.
+
+    The handler only sets the flag, so the step in progress (and a checkpoint being written) finishes.
+    Ranks agree to stop by reducing the flag (``any_rank``), so they all stop after the same step even
+    when the signal reaches them at different times. Use as a context manager: the previous handlers
+    are restored on exit. Handlers can only be installed from the main thread.
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def __call__(self) -> bool:
+        """True once a stop signal reached this process."""
+        return self.received is not None
