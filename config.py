@@ -232,6 +232,14 @@ _C.SAVE_KEEP = 3
 _C.PRINT_FREQ = 10
 # Random seed (offset by the rank for data augmentation).
 _C.SEED = 0
+# Keep an exponential moving average of the weights (evaluated and checkpointed beside the model).
+_C.MODEL_EMA = False
+# EMA decay per optimizer step.
+_C.MODEL_EMA_DECAY = 0.9999
+# Ramp the EMA decay up over the first updates: min(decay, (1 + n) / (10 + n)).
+_C.MODEL_EMA_WARMUP = True
+# With --eval: evaluate the checkpoint's EMA weights instead of the model's.
+_C.EVAL_EMA = False
 # Only evaluate.
 _C.EVAL_MODE = False
 # Only measure throughput.
