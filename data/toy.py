@@ -30,7 +30,7 @@ from yacs.config import CfgNode
 logger = logging.getLogger(__name__)
 
 # Bump when the images change, so caches of an older version are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _SEED = 20240531
 _MARKER = "COMPLETE"
 _SPLITS = ("train", "val")
@@ -236,6 +236,7 @@ def _generate(final: Path, image_size: int, train_per_class: int, val_per_class:
         _write_split(tmp, "train", train_per_class, image_size)
         _write_split(tmp, "val", val_per_class, image_size)
         (tmp / _MARKER).touch()
+        tmp.chmod(0o755)  # mkdtemp makes it private; the set is shared by every user of the cache
         os.rename(tmp, final)
     except OSError:
         if not (final / _MARKER).exists():
@@ -264,6 +265,7 @@ def ensure_toy_data(
     root.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     while not marker.exists():
+        # A complete set appears at once (renamed with its marker), so a folder without one is foreign.
         if final.exists() and not marker.exists():
             raise ValueError(f"toy data folder {final} is incomplete (no {_MARKER} file); delete it")
         if _try_lock(lock):

@@ -1,7 +1,7 @@
 """Image transforms and Mixup/CutMix built from the config, as in the released Swin/Focal ``build.py``.
 
-Deviations from the released code, both for inputs larger than the model's (e.g. the 64 px toy set
-trained at 32 px): at IMG_SIZE <= 32 training resizes to IMG_SIZE before ``RandomCrop(padding=4)``, and
+Deviations from the released code, both for inputs larger than the model's (e.g. the toy set drawn at
+40 px, trained at 32 px): at IMG_SIZE <= 32 training resizes to IMG_SIZE before ``RandomCrop(padding=4)``, and
 evaluation always resizes (the released code assumed 32 px CIFAR-like inputs there).
 
 timm's RandAugment asks Pillow to posterize to 0 bits (a black image) when the sampled magnitude reaches
@@ -66,14 +66,14 @@ def _train_transform(config: CfgNode) -> transforms.Compose:
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize
     if size <= SMALL_IMG_SIZE:
-        interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
+        interpolation = _fixed_interpolation(config.DATA.INTERPOLATION)
         transform.transforms[0] = transforms.Compose(
             [transforms.Resize(size, interpolation=interpolation), transforms.RandomCrop(size, padding=4)]
         )
     return transform
 
 
-def _eval_interpolation(name: str) -> transforms.InterpolationMode:
+def _fixed_interpolation(name: str) -> transforms.InterpolationMode:
     """DATA.INTERPOLATION as a fixed mode ('random' only makes sense in training: bicubic)."""
     return str_to_interp_mode("bicubic" if name == "random" else name)
 
@@ -81,7 +81,7 @@ def _eval_interpolation(name: str) -> transforms.InterpolationMode:
 def _eval_transform(config: CfgNode) -> transforms.Compose:
     """Deterministic resize (and centre crop when TEST.CROP), then normalisation."""
     size = config.DATA.IMG_SIZE
-    interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
+    interpolation = _fixed_interpolation(config.DATA.INTERPOLATION)
     if config.TEST.CROP:
         resize = [
             transforms.Resize(int(size / EVAL_CROP_PCT), interpolation=interpolation),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import socket
 import subprocess
 import zipfile
@@ -15,6 +16,7 @@ from PIL import Image
 from timm.data import auto_augment
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
+from yacs.config import CfgNode
 
 from config import get_default_config
 from data import (
@@ -31,7 +33,7 @@ from data import (
     ensure_toy_data,
     seed_worker,
 )
-from data.toy import toy_dataset_dir
+from data.toy import toy_dataset_dir, toy_root
 
 TOY_SIZE = 16
 TOY_TRAIN = 3
@@ -52,7 +54,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _config(**data: object):
+def _config(**data: object) -> CfgNode:
     """Default config with small, CPU-friendly settings plus ``DATA`` overrides."""
     cfg = get_default_config()
     cfg.defrost()
@@ -151,6 +153,11 @@ def test_toy_generation_removes_the_lock_of_a_dead_process(toy_dir: Path, tmp_pa
     assert _files(_toy(tmp_path)) == _files(toy_dir)
 
 
+def test_toy_root_defaults_to_the_repo_cache() -> None:
+    assert toy_root(_config()) == Path(__file__).resolve().parents[1] / ".cache" / "toy_data"
+    assert toy_root(_config(TOY_ROOT="/somewhere")) == Path("/somewhere")
+
+
 def test_toy_incomplete_folder_is_an_error(tmp_path: Path) -> None:
     toy_dataset_dir(tmp_path, TOY_SIZE, TOY_TRAIN, TOY_VAL).mkdir()
     with pytest.raises(ValueError, match="incomplete"):
@@ -175,7 +182,7 @@ def test_build_loader_on_toy_data(toy_dir: Path) -> None:
     assert images.shape == (4, 3, 16, 16)
     assert len(bundle.loader_train) == len(TOY_CLASSES) * TOY_TRAIN // 4  # drop_last
     assert sum(len(y) for _, y in bundle.loader_val) == len(TOY_CLASSES) * TOY_VAL  # nothing dropped
-    mixed, soft = bundle.mixup_fn(images, targets)
+    _, soft = bundle.mixup_fn(images, targets)
     assert soft.shape == (4, len(TOY_CLASSES))
 
 
@@ -244,18 +251,18 @@ def test_unset_data_path_is_an_error() -> None:
 
 def test_missing_data_path_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         build_dataset(True, _config(DATA_PATH=str(missing)))
 
 
 def test_empty_data_path_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(True, _config(DATA_PATH=str(tmp_path)))
 
 
 def test_folder_without_class_folders_is_named(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(True, _config(DATA_PATH=str(tmp_path)))
 
 
@@ -288,7 +295,7 @@ def test_corrupt_image_is_named(corrupt_set: tuple[Path, Path]) -> None:
     root, corrupt = corrupt_set
     dataset = FolderDataset(str(root / "train"))
     index = [path for path, _ in dataset.samples].index(str(corrupt))
-    with pytest.raises(CorruptImageError, match=str(corrupt)):
+    with pytest.raises(CorruptImageError, match=re.escape(str(corrupt))):
         dataset[index]
 
 
@@ -370,7 +377,7 @@ def test_mixup_gives_soft_targets() -> None:
     mixup = build_mixup(cfg)
     assert mixup is not None and mixup.mixup_alpha == cfg.AUG.MIXUP and mixup.cutmix_alpha == cfg.AUG.CUTMIX
     torch.manual_seed(0)
-    images, targets = mixup(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    _, targets = mixup(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert targets.shape == (4, len(TOY_CLASSES))
     assert torch.allclose(targets.sum(dim=1), torch.ones(4))
     assert (targets.max(dim=1).values < 1).all()  # smoothed and mixed, never one-hot
