@@ -186,7 +186,7 @@ def train_one_epoch(
                 )
         if stop_agreed and update:
             state.stopped = True
-            logger.info("stop requested: leaving epoch %d after step %d", epoch, step)
+            logger.info("stop requested: leaving epoch %d after %d of %d steps", epoch, step + 1, num_steps)
             break
     epoch_time = time.time() - start
     return {

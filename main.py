@@ -67,7 +67,7 @@ from utils.metrics import MetricsWriter
 # (DistError: a collective failed, usually because another rank died or timed out.)
 RUN_ERRORS = (ValueError, OSError, NonFiniteLossError, CheckpointError, dist.DistError)
 # A message longer than this (e.g. from a collective's C++ backend) is cut in the one-line report.
-_MAX_ERROR_CHARS = 600
+_MAX_ERROR_CHARS = 2000
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
@@ -272,11 +272,12 @@ def resume(trainer: Trainer) -> ResumePoint:
     state.global_step = checkpoint.get(
         "global_step", epoch * (len(trainer.data.loader_train) // state.accumulation_steps)
     )
-    if checkpoint.get("seed", config.SEED) != config.SEED:
-        logger.warning(
-            f"checkpoint was written with SEED {checkpoint['seed']}, resuming with SEED {config.SEED}: "
-            "the data order and random numbers differ from an uninterrupted run"
-        )
+    for key, name, value in (("seed", "SEED", config.SEED), ("batch_size", "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE)):
+        if checkpoint.get(key, value) != value:
+            logger.warning(
+                f"checkpoint was written with {name} {checkpoint[key]}, resuming with {value}: "
+                "the data order and random numbers differ from an uninterrupted run"
+            )
     meters = _restore_rank_state(trainer, checkpoint, epoch_done)
     point = ResumePoint(epoch, 0 if epoch_done else checkpoint["step"], checkpoint.get("max_accuracy", 0.0), meters)
     where = f"epoch {point.epoch}" + (f" step {point.step}" if point.step else "")
@@ -362,7 +363,7 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
         )
         if state.stopped and train_stats["steps_done"] < batches_per_epoch:
             _save_checkpoint(trainer, epoch, train_stats["steps_done"], False, max_accuracy, meters)
-            _log_stop(stop, f"at epoch {epoch} step {train_stats['steps_done']}", logger)
+            _log_stop(stop, f"at epoch {epoch} step {train_stats['steps_done']} of {batches_per_epoch}", logger)
             break
         result = evaluate(model, data.loader_val, state.device, state.amp_dtype, logger)
         is_best = result["acc1"] > max_accuracy
@@ -432,6 +433,12 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
+def _is_collective_failure(error: RuntimeError) -> bool:
+    """A collective broke (gloo and NCCL raise plain RuntimeErrors when a peer dies or times out)."""
+    text = str(error)
+    return dist.is_initialized() and any(marker in text for marker in ("gloo", "NCCL", "Connection closed by peer"))
+
+
 def _load_config(args: argparse.Namespace):
     """The run's config; ConfigError (one line) for unknown keys, wrong types and unreadable files."""
     try:
@@ -463,8 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.yaml')}")
     try:
         run(config, dist_info, logger)
-    except RUN_ERRORS as error:
+    except (*RUN_ERRORS, RuntimeError) as error:
+        if not isinstance(error, RUN_ERRORS) and not _is_collective_failure(error):
+            raise  # a bug: keep the traceback
         message = one_line(error)
+        if not isinstance(error, RUN_ERRORS) or isinstance(error, dist.DistError):
+            message = f"a collective failed, most likely because another rank failed (see its log): {message}"
         logger.debug("traceback of the error below", exc_info=True)  # the log file only
         logger.error(message)
         if dist_info.rank != 0:  # only rank 0 logs to the console

@@ -243,11 +243,13 @@ class FocalWindowAttention(nn.Module):
         bias_index = self._build_bias_index()
         self.register_buffer("bias_index", bias_index, persistent=False)
         n_pooled_keys = sum(pooled_window_size(focal_window, k) ** 2 for k in range(num_pooled_levels))
-        columns = merged_key_columns(window_size, expand_size, n_pooled_keys)  # (N_merged, m)
+        columns = merged_key_columns(window_size, expand_size, n_pooled_keys)  # (N', m <= 2)
         self.register_buffer("merged_columns", columns[:, 0].contiguous(), persistent=False)
-        n_table = int(bias_index.max()) + 1
-        merged_index = torch.where(columns >= 0, bias_index[:, columns.clamp(min=0)], n_table)  # (ws^2, N', m)
-        self.register_buffer("merged_bias_index", merged_index, persistent=False)
+        self.register_buffer("merged_bias_index", bias_index[:, columns[:, 0]], persistent=False)  # (ws^2, N')
+        # Merged keys that read two released columns (a ring token is in at most two rolled groups).
+        repeated = (columns[:, -1] >= 0).nonzero()[:, 0] if columns.shape[1] == 2 else columns.new_zeros(0)
+        self.register_buffer("repeated_keys", repeated, persistent=False)
+        self.register_buffer("repeated_bias_index", bias_index[:, columns[repeated, -1]], persistent=False)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -287,10 +289,12 @@ class FocalWindowAttention(nn.Module):
     def merged_position_bias(self) -> torch.Tensor:
         """Bias of every query to every merged key (repeated ring keys log-sum-exp'ed): (nH, ws^2, N')."""
         tables = self._bias_tables()
-        if self.merged_bias_index.shape[-1] == 1:
-            return tables[:, self.merged_bias_index[..., 0]]
-        tables = torch.cat([tables, tables.new_full((tables.shape[0], 1), float("-inf"))], 1)
-        return tables[:, self.merged_bias_index].logsumexp(-1)
+        bias = tables[:, self.merged_bias_index]
+        if self.repeated_keys.numel():
+            repeated = tables[:, self.repeated_bias_index]  # (nH, ws^2, n_repeated)
+            merged = torch.logaddexp(bias.index_select(2, self.repeated_keys), repeated)
+            bias = bias.index_copy(2, self.repeated_keys, merged)
+        return bias
 
     def released_buffers(self) -> dict[str, torch.Tensor]:
         """The derived index buffers the released module stores in its state_dict, by name."""

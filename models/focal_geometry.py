@@ -78,13 +78,15 @@ def ring_offsets(window_size: int, expand_size: int) -> list[tuple[int, int]]:
 
 
 def merged_key_columns(window_size: int, expand_size: int, num_pooled_keys: int) -> torch.Tensor:
-    """Released key columns grouped by the token they read: (N_merged, m) column indices, -1 padded.
+    """Released key columns grouped by the token they read: (N_merged, m <= 2) column indices, -1 padded.
 
     The released ring repeats some tokens (``ring_offsets``: 12 of 132 at ws 7, e 3). A repeated key has the
     same k and v in every window, so the columns that read it can be merged into one key whose bias is the
     log-sum-exp of their biases: exp(s + b1) + exp(s + b2) = exp(s + log(exp(b1) + exp(b2))), the softmax
     and the output are unchanged. Row i lists the released columns of merged key i: the window columns,
     the distinct ring offsets in first-occurrence order, then the ``num_pooled_keys`` pooled columns.
+    A ring token is in at most two of the four rolled groups: it lies above (not in groups 0, 1), below
+    (not 2, 3), left of (not 0, 2) or right of (not 1, 3) the window, so m <= 2.
     """
     ws2 = window_size * window_size
     groups: dict[tuple[int, int], list[int]] = {}
