@@ -15,6 +15,7 @@ from torch import nn
 
 from utils.amp import GradientStepper
 from utils.distributed import all_reduce_sum
+from utils.ema import ModelEma
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
 from utils.seeding import STEP_STREAM, derive_seed, seed_all
 
@@ -48,6 +49,7 @@ class TrainState:
     stopped: bool = False
     seed: int = 0
     rank: int = 0
+    ema: ModelEma | None = None  # updated after every optimizer step
 
 
 @dataclass
@@ -74,6 +76,13 @@ class EpochMeters:
         vars(self.loss).update(state["loss"])
         vars(self.grad_norm).update(state["grad_norm"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / torch.compile wrappers (whose state_dict has the plain keys)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -163,6 +172,8 @@ def train_one_epoch(
             if update:
                 state.global_step += 1
                 state.scheduler.step_update(state.global_step)
+                if state.ema is not None:
+                    state.ema.update(unwrap_model(model))
             meters.loss.update(loss.item(), targets.size(0))
             if grad_norm is not None:
                 meters.grad_norm.update(float(grad_norm))

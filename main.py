@@ -60,6 +60,7 @@ from utils.distributed import (
     cleanup,
     init_distributed,
 )
+from utils.ema import ModelEma
 from utils.logger import create_logger
 from utils.metrics import MetricsWriter
 
@@ -134,11 +135,19 @@ def _checkpoint_dict(checkpoint: Any, path: str) -> dict:
     return checkpoint
 
 
-def load_model_weights(model: nn.Module, path: str, logger: logging.Logger) -> dict:
-    """Load ``path`` (ours, a released checkpoint, a bare state dict or .safetensors) into ``model``."""
+def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, ema: bool = False) -> dict:
+    """Load ``path`` (ours, a released checkpoint, a bare state dict or .safetensors) into ``model``.
+
+    With ``ema`` the checkpoint's EMA weights are loaded instead (an error when it holds none).
+    """
     checkpoint = _checkpoint_dict(load_checkpoint_file(path), path)
-    load_official_weights(model, checkpoint.get("model", checkpoint))
-    logger.info(f"loaded weights from {path}")
+    if ema:
+        if "model_ema" not in checkpoint:
+            raise CheckpointError(f"checkpoint {path} holds no EMA weights (trained without MODEL_EMA)")
+        load_official_weights(model, checkpoint["model_ema"]["model"])
+    else:
+        load_official_weights(model, checkpoint.get("model", checkpoint))
+    logger.info(f"loaded {'EMA ' if ema else ''}weights from {path}")
     return checkpoint
 
 
@@ -201,6 +210,7 @@ def _save_checkpoint(
                 "epoch_done": epoch_done,
                 "global_step": state.global_step,
                 "max_accuracy": max_accuracy,
+                **({"model_ema": state.ema.state_dict()} if state.ema is not None else {}),
                 # The training order and every random number are functions of (seed, epoch, step).
                 "seed": config.SEED,
                 "world_size": trainer.dist_info.world_size,
@@ -267,6 +277,12 @@ def resume(trainer: Trainer) -> ResumePoint:
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["lr_scheduler"])
     state.stepper.load_state_dict(checkpoint.get("scaler", {}))
+    if state.ema is not None:
+        if "model_ema" in checkpoint:
+            state.ema.load_state_dict(checkpoint["model_ema"])
+        else:
+            logger.warning(f"{path} holds no EMA weights: the EMA restarts from the resumed weights")
+            state.ema = ModelEma(trainer.model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP)
     epoch_done = checkpoint.get("epoch_done", True)  # checkpoints of other trainers: end of an epoch
     epoch = checkpoint["epoch"] + (1 if epoch_done else 0)
     state.global_step = checkpoint.get(
@@ -310,6 +326,9 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
     model_without_ddp = model
     if dist_info.is_distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.TRAIN.COMPILE:
+        model = torch.compile(model)
+    ema = ModelEma(model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP) if config.MODEL_EMA else None
     optimizer = build_optimizer(config, model_without_ddp)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     steps_per_epoch = len(data.loader_train) // accumulation
@@ -332,6 +351,7 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
         stop_requested=stop,
         seed=config.SEED,
         rank=dist_info.rank,
+        ema=ema,
     )
     checkpoints = CheckpointManager(config.OUTPUT, keep=config.SAVE_KEEP, logger=logger)
     return Trainer(config, dist_info, model, model_without_ddp, data, state, checkpoints, metrics, logger)
@@ -369,6 +389,9 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
         is_best = result["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, result["acc1"])
         logger.info(f"epoch {epoch}: acc1 {result['acc1']:.2f}% (max {max_accuracy:.2f}%)")
+        if state.ema is not None:
+            result_ema = evaluate(state.ema.module, data.loader_val, state.device, state.amp_dtype, logger)
+            result.update({f"{key}_ema": value for key, value in result_ema.items() if key != "num_images"})
         # The row goes first: a kill between the two redoes the epoch, whose row resume then drops.
         trainer.metrics.log_epoch({"epoch": epoch, **train_stats, **result, "max_acc1": max_accuracy})
         periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
@@ -382,7 +405,7 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
 def evaluate_checkpoint(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger) -> None:
     """--eval: load MODEL.RESUME (before reading any data, so a bad file fails fast), evaluate, save results."""
     if config.MODEL.RESUME:
-        load_model_weights(model, config.MODEL.RESUME, logger)
+        load_model_weights(model, config.MODEL.RESUME, logger, ema=config.EVAL_EMA)
     data = build_loader(config, dist_info.rank, dist_info.world_size)
     amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, dist_info.device)
     result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger)

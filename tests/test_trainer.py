@@ -137,3 +137,21 @@ def test_demo_pipeline_learns_well_above_chance(tmp_path):
     rows = _metrics(run_dir(tmp_path))
     assert rows[-1]["max_acc1"] >= 30.0  # chance is 10%; this run typically reaches ~50%
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] or rows[-1]["acc1"] > rows[0]["acc1"]
+
+
+def test_model_ema_is_evaluated_checkpointed_and_evaluable(toy_root, tmp_path):
+    opts = ["MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", "TRAIN.EPOCHS", "1"]
+    result = run_main(main_args(tmp_path / "train", toy_root, opts=opts), nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = run_dir(tmp_path / "train")
+    row = _metrics(run)[-1]
+    assert {"acc1_ema", "acc5_ema", "loss_ema"} <= set(row)
+    checkpoint = torch.load(run / "last.pth", weights_only=True)
+    assert checkpoint["model_ema"]["num_updates"] > 0
+    assert any(
+        not torch.equal(value, checkpoint["model"][key])
+        for key, value in checkpoint["model_ema"]["model"].items()
+        if value.is_floating_point()
+    )
+    evaluated = _evaluate(run / "last.pth", toy_root, tmp_path / "eval", 1, opts=["EVAL_EMA", "True"])
+    assert evaluated["acc1"] == pytest.approx(row["acc1_ema"])
