@@ -50,9 +50,22 @@ def loaded_buffer_problems(model: nn.Module, state_dict: Mapping[str, torch.Tens
     return problems
 
 
-def _summarise(keys: list[str], limit: int = 8) -> str:
+def _summarise(keys: list[str], limit: int | None = 8) -> str:
     shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+    return shown + (f", ... ({len(keys)} in all)" if limit is not None and len(keys) > limit else "")
+
+
+def key_problems(missing: list[str], unexpected: list[str], limit: int | None = 8) -> list[str]:
+    """'missing keys: ...' and 'unexpected keys: ...' for those of the two that are not empty.
+
+    Each names at most ``limit`` keys and then their count; ``limit=None`` names them all.
+    """
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing, limit)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected, limit)}")
+    return problems
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,11 +92,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         if k in expected and v.shape != expected[k].shape
     ]
     invalid = loaded_buffer_problems(model, to_load)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    problems = key_problems(missing, unexpected)
     if shapes:
         problems.append(f"shape mismatches: {_summarise(shapes)}")
     if wrong_derived:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint_loading import CheckpointMismatchError
+from .checkpoint_loading import CheckpointMismatchError, key_problems
 from .focal_geometry import ring_offsets
 
 _DERIVED_BUFFER = re.compile(
@@ -293,11 +293,7 @@ def load_pretrained(
     expected = model.state_dict()
     missing = sorted(set(expected) - set(adapted.state_dict) - set(adapted.reinitialised))
     unexpected = sorted(set(adapted.state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    problems = key_problems(missing, unexpected, limit=None)
     if problems:
         raise CheckpointMismatchError("checkpoint does not fit the model: " + "; ".join(problems))
     model.load_state_dict(adapted.state_dict, strict=False)

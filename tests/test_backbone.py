@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_FOCAL, tiny_focal
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -15,20 +16,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from models import FocalTransformer, FocalTransformerV2
 from models.backbone import FocalBackbone, FocalBackboneWithFPN, create_backbone
 
-# Stage maps 16/8/4/2 at 64 px against window 4: stages 2 and 3 use the whole map (shrunk windows).
-TINY = dict(
-    img_size=64,
-    patch_size=4,
-    embed_dim=16,
-    depths=(1, 2, 1, 1),
-    num_heads=(1, 2, 2, 4),
-    window_size=4,
-    focal_levels=(2, 2, 2, 2),
-    focal_windows=(3, 3, 3, 1),
-    expand_sizes=(2, 2, 2, 2),
-    num_classes=0,
-    drop_path_rate=0.0,
-)
+# Backbones: no classifier head, no stochastic depth.
+TINY = dict(TINY_FOCAL, num_classes=0, drop_path_rate=0.0)
 VARIANTS = {
     "fc": {},
     "conv_embed_ape_conv_pool": dict(use_conv_embed=True, ape=True, focal_pool="conv"),
@@ -37,8 +26,7 @@ VARIANTS = {
 
 
 def tiny_model(**overrides) -> FocalTransformer:
-    torch.manual_seed(0)
-    return FocalTransformer(**dict(TINY, **overrides))
+    return tiny_focal(**{**TINY, **overrides})
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -9,7 +9,7 @@ import torch
 from golden import FIXTURES, fixture_paths, load_fixture
 
 from models import CheckpointMismatchError, FocalTransformer, load_official_weights
-from models.checkpoint_loading import released_derived_buffers
+from models.checkpoint_loading import key_problems, released_derived_buffers
 
 V1_FIXTURES = fixture_paths("golden")
 DEFAULT = FIXTURES / "golden" / "p01_default_fc_224.pt"  # 224 px, ring, fc pooling, shrunk last stage
@@ -154,3 +154,10 @@ def test_derived_buffer_of_another_shape_is_named(default):
 def test_shift_mask_into_unshifted_model_is_unexpected(shifted):
     message = _mismatch(_model(shifted["kwargs"], use_shift=False), shifted["state_dict"])
     assert re.search(r"unexpected keys: [^;]*layers\.0\.blocks\.1\.attn_mask", message)
+
+
+def test_key_problems_name_at_most_limit_keys_each():
+    keys = [f"k{i}" for i in range(10)]
+    assert key_problems(keys, []) == ["missing keys: k0, k1, k2, k3, k4, k5, k6, k7, ... (10 in all)"]
+    assert key_problems(keys[:2], keys, limit=None) == ["missing keys: k0, k1", "unexpected keys: " + ", ".join(keys)]
+    assert key_problems([], []) == []

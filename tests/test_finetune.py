@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from tiny_models import tiny_focal
 
 from models import CheckpointMismatchError, FocalTransformer
 from models.checkpoint_loading import released_derived_buffers
@@ -24,26 +25,11 @@ from models.finetune import (
 )
 from models.focal_attention import ring_size
 
-# Stage maps 16/8/4/2 at 64 px (window 4) and 24/12/6/3 at 96 px (window 6): the same structure, every
-# window-dependent table a different size.
-TINY = dict(
-    img_size=64,
-    patch_size=4,
-    embed_dim=16,
-    depths=(1, 2, 1, 1),
-    num_heads=(1, 2, 2, 4),
-    window_size=4,
-    focal_levels=(2, 2, 2, 2),
-    focal_windows=(3, 3, 3, 1),
-    expand_sizes=(2, 2, 2, 2),
-    num_classes=5,
-    drop_path_rate=0.0,
-)
-
 
 def tiny_model(seed: int = 0, **overrides) -> FocalTransformer:
-    torch.manual_seed(seed)
-    return FocalTransformer(**dict(TINY, **overrides))
+    """``TINY_FOCAL`` without stochastic depth. Its stage maps are 16/8/4/2 at 64 px (window 4) and 24/12/6/3 at
+    96 px (window 6): the same structure, every window-dependent table a different size."""
+    return tiny_focal(seed, **{"drop_path_rate": 0.0, **overrides})
 
 
 def released_layout(model: FocalTransformer) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from golden import FIXTURES
+from golden import RELEASED, RELEASED_V2, state_dict_manifest
 
 import config
 import models
@@ -22,15 +22,8 @@ from tools.model_table import COLUMNS, build_row, main, to_markdown
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = list(models.FOCAL_VARIANTS)
 
-# name -> (parameters, model.flops()) of the released models (the paper's 28.9M / 4.9G etc.).
-RELEASED = {
-    "focal_tiny_patch4_window7_224": (28_880_380, 4_924_284_672),
-    "focal_small_patch4_window7_224": (51_141_940, 9_431_553_792),
-    "focal_base_patch4_window7_224": (89_815_400, 16_370_725_888),
-    "focal_tiny_useconv_patch4_window7_224": (30_825_244, 5_170_849_536),
-    "focal_small_useconv_patch4_window7_224": (53_086_804, 9_678_118_656),
-    "focal_base_useconv_patch4_window7_224": (93_268_712, 16_795_816_960),
-}
+# Every released variant of both generations -> (parameters, model.flops()) of the released implementation.
+RELEASED_ALL = {**RELEASED, **RELEASED_V2}
 
 # Small overrides per model type, on top of head dim 8 and at most 2 blocks per stage (both block parities).
 # v1 at 64 px: stage maps 16/8/4/2, i.e. padded windows with a ring, then shrunk windows. v2 does not pad, so its
@@ -60,6 +53,13 @@ def tiny_model(name: str, **overrides) -> torch.nn.Module:
     return timm.create_model(name, **dict(tiny_kwargs(name), **overrides))
 
 
+def tiny_eval_output(name: str, batch: int, size: int) -> torch.Tensor:
+    """The eval-mode output of the tiny ``name`` (built for 64 px) on a random (batch, 3, size, size) image."""
+    model = tiny_model(name).eval()
+    with torch.no_grad():
+        return model(torch.randn(batch, 3, size, size))
+
+
 # A small v1 configuration whose windows never shrink at 64 or 96 px, so its parameters do not depend on the
 # input size: stage maps 16/8/4 (64 px) or 24/12/6 (96 px) with window 2, shifted odd blocks, two pooled levels.
 SIZE_FREE = dict(
@@ -82,9 +82,7 @@ SIZE_FREE = dict(
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_forward_shape(name):
-    model = tiny_model(name).eval()
-    with torch.no_grad():
-        out = model(torch.randn(2, 3, 64, 64))
+    out = tiny_eval_output(name, 2, 64)
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
 
@@ -106,9 +104,7 @@ def test_variant_backward_reaches_every_parameter(name):
 @pytest.mark.parametrize("name", [n for n in VARIANTS if models.FOCAL_VARIANTS[n][0] in RESIZABLE_TYPES])
 def test_variant_runs_at_another_input_size(name):
     """Built for 64 px, evaluated at 96 px: each block computes the key layout of the new size."""
-    model = tiny_model(name).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 96, 96))
+    out = tiny_eval_output(name, 1, 96)
     assert out.shape == (1, 10)
     assert torch.isfinite(out).all()
 
@@ -143,7 +139,7 @@ def test_pretrained_true_is_a_clear_error(create):
         create(VARIANTS[0], pretrained=True)
 
 
-# ---- full-size released variants: counts and state_dict layout ------------------------------------------------
+# ---- full-size released variants (v1 and v2): counts and state_dict layout ---------------------------------------
 
 
 @contextlib.contextmanager
@@ -164,30 +160,29 @@ def full_size(name: str) -> torch.nn.Module:
         return timm.create_model(name)
 
 
-@pytest.fixture(scope="module", params=list(RELEASED))
+@pytest.fixture(scope="module", params=list(RELEASED_ALL))
 def full_model(request) -> tuple[str, torch.nn.Module]:
     return request.param, full_size(request.param)
 
 
 def test_released_variants_are_registered():
-    assert set(RELEASED) <= set(VARIANTS)
+    assert set(RELEASED_ALL) <= set(VARIANTS)
 
 
 def test_full_size_parameter_count(full_model):
     name, model = full_model
-    assert sum(p.numel() for p in model.parameters()) == RELEASED[name][0]
+    assert sum(p.numel() for p in model.parameters()) == RELEASED_ALL[name][0]
 
 
 def test_full_size_flops(full_model):
     name, model = full_model
-    assert model.flops() == RELEASED[name][1]
+    assert model.flops() == RELEASED_ALL[name][1]
 
 
 def test_full_size_state_dict_matches_released_manifest(full_model):
     """Parameters, persistent buffers and the derived buffers a released checkpoint holds: names, shapes, dtypes."""
     name, model = full_model
-    manifest = json.loads((FIXTURES / "state_dict_keys" / f"{name}.json").read_text())
-    expected = {key: (tuple(shape), kind, dtype) for key, shape, kind, dtype in manifest["keys"]}
+    expected = {key: (tuple(shape), kind, dtype) for key, shape, kind, dtype in state_dict_manifest(name)}
     params = dict(model.named_parameters())
     ours = {
         key: (tuple(value.shape), "param" if key in params else "buffer", str(value.dtype).removeprefix("torch."))
@@ -201,8 +196,7 @@ def test_full_size_state_dict_matches_released_manifest(full_model):
 def test_full_size_parameter_order_is_released(full_model):
     """Same order as the released named_parameters(), so released optimizer states line up."""
     name, model = full_model
-    manifest = json.loads((FIXTURES / "state_dict_keys" / f"{name}.json").read_text())
-    released = [key for key, _, kind, _ in manifest["keys"] if kind == "param"]
+    released = [key for key, _, kind, _ in state_dict_manifest(name) if kind == "param"]
     assert [key for key, _ in model.named_parameters()] == released
 
 

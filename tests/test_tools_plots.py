@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from tiny_models import TINY_FOCAL, tiny_focal
 
 from models import FocalTransformer
 from tools import plot_metrics, visualize_attention
@@ -20,23 +21,12 @@ from tools.visualize_attention import (
     wrapped_spans,
 )
 
-TINY = dict(
-    img_size=64,
-    patch_size=4,
-    embed_dim=16,
-    depths=(1, 2, 1, 1),
-    num_heads=(1, 2, 2, 4),
-    window_size=4,
-    focal_levels=(3, 2, 2, 2),
-    focal_windows=(3, 3, 3, 1),
-    expand_sizes=(2, 2, 2, 2),
-    num_classes=5,
-)
+# Focal level 3 at stage 0: two pooled levels there.
+TINY = dict(TINY_FOCAL, focal_levels=(3, 2, 2, 2))
 
 
 def tiny_model(**overrides) -> FocalTransformer:
-    torch.manual_seed(0)
-    model = FocalTransformer(**dict(TINY, **overrides)).eval()
+    model = tiny_focal(**{**TINY, **overrides}).eval()
     with torch.no_grad():  # sharper, less uniform attention than the init gives
         for name, param in model.named_parameters():
             if "relative_position_bias_table" in name or "qkv.weight" in name:
