@@ -17,7 +17,8 @@ import config
 import models
 from models import FocalTransformer, build_model, create_variant, model_kwargs_from_config
 from models.checkpoint_loading import released_derived_buffers
-from tools.model_table import COLUMNS, build_row, main, to_markdown
+from tools.benchmark import BenchSettings
+from tools.model_table import COLUMNS, build_row, main, throughput_column, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = list(models.FOCAL_VARIANTS)
@@ -482,3 +483,11 @@ def test_model_table_cli_writes_markdown_and_json(tmp_path, capsys):
 def test_model_table_refuses_unknown_variant():
     with pytest.raises(SystemExit):
         main(["--variants", "focal_huge"])
+
+
+def test_model_table_throughput_column_measures_images_per_second():
+    settings = BenchSettings(models=[], baseline=[], img_size=[32], mode=["infer"], batch_size=2, iters=1, warmup=0)
+    column = throughput_column(settings)
+    model = FocalTransformer(**SMALL).eval()
+    value = column.value("tiny", model)
+    assert value > 0 and "img/s" in column.header

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the Focal variants in timm's registry)
+from tools.benchmark import BenchSettings, make_step, time_interleaved  # noqa: E402
 
 logger = logging.getLogger("model_table")
 
@@ -73,6 +74,19 @@ COLUMNS: list[Column] = [
 ]
 
 
+def throughput_column(settings: BenchSettings, mode: str = "infer") -> Column:
+    """Measured images/s of each variant (median of ``settings.iters`` timed steps, tools/benchmark.py)."""
+
+    def value(name: str, model: nn.Module) -> float:
+        img_size = settings.img_size[0]
+        step = make_step(model.to(settings.device), mode, settings.batch_size, img_size, settings)
+        times = sorted(time_interleaved({name: step}, settings)[name])
+        return settings.batch_size / times[len(times) // 2]
+
+    header = f"{mode} img/s ({settings.device} {settings.dtype}, batch {settings.batch_size})"
+    return Column(header, value, "{:.1f}")
+
+
 def build_row(name: str, columns: Sequence[Column] = COLUMNS, **model_kwargs: Any) -> dict[str, Any]:
     """Build variant ``name`` (with ``model_kwargs`` overrides) and evaluate every column: {header: value}."""
     model = timm.create_model(name, **model_kwargs).eval()
@@ -104,6 +118,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--variants", nargs="+", default=list(models.FOCAL_VARIANTS), help="registered names (default: all)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows (raw values) to this file")
+    parser.add_argument("--throughput", action="store_true", help="add measured inference images/s (224)")
+    parser.add_argument("--device", default="cpu", help="device of the throughput column (cpu, cuda)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="throughput dtype")
+    parser.add_argument("--batch-size", type=int, default=8, help="throughput batch size")
+    parser.add_argument("--iters", type=int, default=7, help="timed iterations (median reported)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.variants if name not in models.FOCAL_VARIANTS]
     if unknown:
@@ -114,8 +133,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = build_table(args.variants)
-    sys.stdout.write(to_markdown(rows))
+    columns = list(COLUMNS)
+    if args.throughput:
+        settings = BenchSettings(
+            models=args.variants, baseline=[], img_size=[224], mode=["infer"], batch_size=args.batch_size,
+            device=args.device, dtype=args.dtype, iters=args.iters, warmup=2,
+        )  # fmt: skip
+        columns.append(throughput_column(settings))
+    rows = build_table(args.variants, columns)
+    sys.stdout.write(to_markdown(rows, columns))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
         logger.info("wrote %s", args.json)
