@@ -62,7 +62,9 @@ def map_to_window_heads(x: torch.Tensor, window_size: int, num_heads: int) -> to
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, num_heads, ws * ws, C // num_heads)
 
 
-def window_heads_to_map(windows: torch.Tensor, map_size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+def window_heads_to_map(
+    windows: torch.Tensor, map_size: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, nW, nH, ws*ws, hd) windows (any strides) -> (B, Hp, Wp, C) map, written into ``out`` if given."""
     B, _, nH, n, hd = windows.shape
     ws = round(n**0.5)

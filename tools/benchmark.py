@@ -117,7 +117,9 @@ def _autocast(settings: BenchSettings) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(settings.device).type, dtype=dtype)
 
 
-def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, settings: BenchSettings) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, mode: str, batch_size: int, img_size: int, settings: BenchSettings
+) -> Callable[[], None]:
     """A closure running one inference forward, or one training step (forward, backward, AdamW step)."""
     device = settings.device
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
@@ -380,6 +382,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
+    # As main.py does: denormals make CPU backward passes and AdamW steps several times slower.
+    torch.set_flush_denormal(True)
     if args.memory_worker is not None:
         _memory_worker(args.memory_worker)
         return []
