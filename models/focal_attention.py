@@ -10,9 +10,9 @@ tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
 - ring keys the release repeats (same token, own bias column) are merged into one key whose bias is the
   log-sum-exp of theirs (``focal_geometry.merged_key_columns``);
 - on CPU the attention runs one image at a time, so the gathered keys (3-5x the size of the map) stay
-  small enough to be reused from the allocator's cache, and training goes through
-  ``PerImageFocalAttention``, which saves the ungathered key source instead of the gathered keys and
-  computes the bias gradient the fused CPU kernel does not provide.
+  in cache and small enough to be reused from the allocator instead of faulting in fresh pages, and
+  training goes through ``PerImageFocalAttention``, which saves the ungathered key source instead of the
+  gathered keys and computes the bias gradient the fused CPU kernel does not provide.
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def focal_attention(
 
 # ---- layout helpers -----------------------------------------------------------------------------------------
 
-# On CPU, images are attended in chunks whose gathered keys and attention scores stay under this size, so
-# the allocator reuses the buffers of the previous chunk instead of mapping (and faulting in) fresh pages.
-CPU_CHUNK_BYTES = 16 * 2**20
-
-
 def map_to_window_heads(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
     """(B, Hp, Wp, C) map -> (B, nW, nH, ws*ws, hd): windows row-major, then heads, then tokens row-major."""
     B, Hp, Wp, C = x.shape
@@ -77,58 +72,41 @@ def window_heads_to_map(
 
 
 def gather_keys_values(kv_source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Keys and values of every window: (B, L, 2C) source, (nW, N) index -> (2, B, nW*nH, N, hd) contiguous."""
+    """Keys and values of every window with one row gather: (B, L, 2C) source, (nW, N) index into it
+    -> (B, nW, N, 2, nH, hd)."""
     B, L, C2 = kv_source.shape
-    n_windows, n_keys = key_index.shape
-    index = (key_index.reshape(1, -1) + L * torch.arange(B, device=key_index.device)[:, None]).reshape(-1)
-    kv = kv_source.reshape(B * L, C2).index_select(0, index)  # (B*nW*N, 2C): one row-wise gather
-    kv = kv.view(B, n_windows, n_keys, 2, num_heads, C2 // (2 * num_heads)).permute(3, 0, 1, 4, 2, 5)
-    return kv.reshape(2, B, n_windows * num_heads, n_keys, -1)
-
-
-def scatter_keys_values(grad_source: torch.Tensor, key_index: torch.Tensor, grad_kv: torch.Tensor) -> None:
-    """Add (2, B, nW*nH, N, hd) key/value gradients into the (B, L, 2C) source gradient: ``gather``'s adjoint."""
-    B, L, C2 = grad_source.shape
-    n_windows, n_keys = key_index.shape
-    _, _, G, _, hd = grad_kv.shape
-    index = (key_index.reshape(1, -1) + L * torch.arange(B, device=key_index.device)[:, None]).reshape(-1)
-    grad_kv = grad_kv.view(2, B, n_windows, G // n_windows, n_keys, hd).permute(1, 2, 4, 0, 3, 5)
-    grad_source.view(B * L, C2).index_add_(0, index, grad_kv.reshape(-1, C2))
-
-
-def image_chunks(batch: int, bytes_per_image: int, budget: int) -> list[tuple[int, int]]:
-    """(start, stop) of equal-ish chunks of a batch, each at most ``budget`` bytes (at least one image)."""
-    n_chunks = -(-batch // max(1, min(batch, budget // max(1, bytes_per_image))))
-    size = -(-batch // n_chunks)
-    return [(start, min(batch, start + size)) for start in range(0, batch, size)]
+    index = key_index.reshape(1, -1) + L * torch.arange(B, device=key_index.device)[:, None]  # (B, nW*N)
+    kv = kv_source.reshape(B * L, C2).index_select(0, index.reshape(-1))
+    return kv.view(B, *key_index.shape, 2, num_heads, C2 // (2 * num_heads))
 
 
 def _flash_cpu(q, k, v, bias, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
 
 
-class ChunkedFocalAttention(torch.autograd.Function):
-    """Focal attention on CPU, a chunk of images at a time, with a memory-lean backward.
+class PerImageFocalAttention(torch.autograd.Function):
+    """Focal attention on CPU, one image at a time, with a memory-lean backward.
 
     Inputs: q (B, nW, nH, n, hd), kv_source (B, L, 2C), key_index (nW, N) into the source, bias
-    (nW, nH, n, N), the scale, the map size (Hp, Wp) and the chunks of the batch. Output: the
-    (B, Hp, Wp, C) map of attended values. The forward runs the fused CPU kernel per chunk and drops the
-    chunk's gathered keys at once; the backward gathers them again, recomputes the probabilities from the
-    saved log-sum-exp and returns the gradients of q, the key source (scattered back through the index) and
-    the bias (summed over images), which the fused kernel's own backward does not give.
+    (nW, nH, n, N), the scale and the map size (Hp, Wp). Output: the (B, Hp, Wp, C) map of attended values.
+    The forward runs the fused CPU kernel on each image's gathered keys, read in place as (nW, nH, N, hd)
+    strided views, and drops them at once; one image at a time keeps them in cache and lets the allocator
+    reuse one buffer (measured faster than larger chunks or one call per batch). The backward gathers them
+    again, recomputes the probabilities from the saved log-sum-exp and returns the gradients of q, the key
+    source (scattered back through the index) and the bias (summed over images), which the fused kernel's
+    own backward does not give.
     """
 
     @staticmethod
-    def forward(ctx, q, kv_source, key_index, bias, scale, map_size, chunks):
+    def forward(ctx, q, kv_source, key_index, bias, scale, map_size):
         B, n_windows, nH, n, hd = q.shape
-        G = n_windows * nH
         out = q.new_empty(B, *map_size, nH * hd)
-        lse = q.new_empty(B, G, n)
-        for start, stop in chunks:
-            k, v = gather_keys_values(kv_source[start:stop], key_index, nH)  # (b, G, N, hd) each
-            o, lse[start:stop] = _flash_cpu(q[start:stop].flatten(1, 2), k, v, bias.flatten(0, 1)[None], scale)
-            window_heads_to_map(o.unflatten(1, (n_windows, nH)), map_size, out[start:stop])
-        ctx.scale, ctx.chunks = scale, chunks
+        lse = q.new_empty(B, n_windows, nH, n)
+        for i in range(B):
+            kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
+            o, lse[i] = _flash_cpu(q[i], kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), bias, scale)
+            window_heads_to_map(o[None], map_size, out[i : i + 1])
+        ctx.scale = scale
         ctx.save_for_backward(q, kv_source, key_index, bias, out, lse)
         return out
 
@@ -144,48 +122,52 @@ class ChunkedFocalAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q) if need_q else None
         grad_kv = torch.zeros_like(kv_source) if need_kv else None
         grad_bias = torch.zeros(G, n, n_keys, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device)
+        grad_kv_image = q.new_empty(2, G, n_keys, hd)
         bias = bias.reshape(G, n, n_keys)
-        for start, stop in ctx.chunks:
-            b = stop - start
-            k, v = (t.reshape(b * G, n_keys, hd) for t in gather_keys_values(kv_source[start:stop], key_index, nH))
-            qs = q[start:stop].reshape(b * G, n, hd) * scale
-            do = map_to_window_heads(grad_out[start:stop], ws, nH).reshape(b * G, n, hd)
-            delta = (grad_out[start:stop] * out[start:stop]).unflatten(-1, (nH, hd)).sum(-1)  # (b, Hp, Wp, nH)
-            delta = delta.unflatten(1, (-1, ws)).unflatten(3, (-1, ws)).permute(0, 1, 3, 5, 2, 4).reshape(b * G, n, 1)
-            p = torch.bmm(qs, k.transpose(1, 2))  # (b*G, n, N) scores, then probabilities
-            p.view(b, G, n, n_keys).add_(bias).sub_(lse[start:stop].unsqueeze(-1)).exp_()
-            ds = torch.bmm(do, v.transpose(1, 2)).sub_(delta).mul_(p)  # gradient of the scores
-            grad_bias.add_(ds.view(b, G, n, n_keys).sum(0))
+        flat_index = key_index.reshape(-1)
+        # Cheap per-query terms for the whole batch at once: scaled q, dO and rowsum(dO * O) in window layout.
+        qs = (q * scale).view(B, G, n, hd)
+        do = map_to_window_heads(grad_out, ws, nH).view(B, G, n, hd)
+        delta = (grad_out * out).unflatten(-1, (nH, hd)).sum(-1)  # (B, Hp, Wp, nH)
+        delta = map_to_window_heads(delta, ws, nH).view(B, G, n, 1)
+        for i in range(B):
+            kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).reshape(2, G, n_keys, hd)  # (G, N, hd) each
+            p = torch.bmm(qs[i], k.transpose(1, 2))  # (G, n, N) scores, then probabilities
+            p.add_(bias).sub_(lse[i].view(G, n, 1)).exp_()
+            ds = torch.bmm(do[i], v.transpose(1, 2)).sub_(delta[i]).mul_(p)  # gradient of the scores
+            grad_bias.add_(ds)
             if grad_q is not None:
-                grad_q[start:stop] = torch.bmm(ds, k).mul_(scale).view(b, n_windows, nH, n, hd)
+                torch.bmm(ds, k, out=grad_q[i].view(G, n, hd))
             if grad_kv is not None:
-                dkv = torch.stack([torch.bmm(ds.transpose(1, 2), qs), torch.bmm(p.transpose(1, 2), do)])
-                scatter_keys_values(grad_kv[start:stop], key_index, dkv.view(2, b, G, n_keys, hd))
+                torch.bmm(ds.transpose(1, 2), qs[i], out=grad_kv_image[0])
+                torch.bmm(p.transpose(1, 2), do[i], out=grad_kv_image[1])
+                dkv = grad_kv_image.view(2, n_windows, nH, n_keys, hd).permute(1, 3, 0, 2, 4)  # (nW, N, 2, nH, hd)
+                grad_kv[i].index_add_(0, flat_index, dkv.reshape(n_windows * n_keys, -1))
+        if grad_q is not None:
+            grad_q.mul_(scale)
         grad_bias = grad_bias.view(n_windows, nH, n, n_keys).to(bias.dtype) if need_bias else None
-        return grad_q, grad_kv, None, grad_bias, None, None, None
+        return grad_q, grad_kv, None, grad_bias, None, None
 
 
-def attend_in_chunks(
+def attend_per_image(
     q: torch.Tensor,
     kv_source: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
     map_size: tuple[int, int],
-    chunk_bytes: int = CPU_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """``windowed_focal_attention`` a chunk of images at a time, without dropout (the CPU path)."""
-    B, n_windows, nH, n, hd = q.shape
-    n_keys = key_index.shape[1]
-    per_image = n_windows * nH * n_keys * max(2 * hd, n) * q.element_size()  # gathered k/v or scores
-    chunks = image_chunks(B, per_image, chunk_bytes)
+    """``windowed_focal_attention`` one image at a time, without dropout (the CPU path)."""
     if torch.is_grad_enabled() and (q.requires_grad or kv_source.requires_grad or bias.requires_grad):
-        return ChunkedFocalAttention.apply(q, kv_source, key_index, bias, scale, map_size, chunks)
+        return PerImageFocalAttention.apply(q, kv_source, key_index, bias, scale, map_size)
+    B, _, nH, _, hd = q.shape
     out = q.new_empty(B, *map_size, nH * hd)
-    for start, stop in chunks:
-        k, v = gather_keys_values(kv_source[start:stop], key_index, nH)  # (b, G, N, hd) each
-        o = F.scaled_dot_product_attention(q[start:stop].flatten(1, 2), k, v, attn_mask=bias.flatten(0, 1), scale=scale)
-        window_heads_to_map(o.unflatten(1, (n_windows, nH)), map_size, out[start:stop])
+    for i in range(B):
+        kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (nW, nH, N, hd) views
+        o = F.scaled_dot_product_attention(q[i], k, v, attn_mask=bias, scale=scale)
+        window_heads_to_map(o[None], map_size, out[i : i + 1])
     return out
 
 
@@ -202,17 +184,17 @@ def windowed_focal_attention(
 
     q: (B, nW, nH, n, hd); kv_source: (B, L, 2C) with k then v, heads-major within each; key_index: (nW, N)
     into the source; bias: (nW, nH, n, N), shared by the images. On CPU without dropout the images are
-    attended a few at a time (``attend_in_chunks``); elsewhere in one ``scaled_dot_product_attention`` call.
+    attended one at a time (``attend_per_image``); elsewhere in one ``scaled_dot_product_attention`` call.
     """
     bias, kv_source = bias.to(q.dtype), kv_source.to(q.dtype)
     if q.device.type == "cpu" and dropout_p == 0.0:
-        return attend_in_chunks(q, kv_source, key_index, bias, scale, map_size)
+        return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
     B, n_windows, nH, n, hd = q.shape
-    k, v = gather_keys_values(kv_source, key_index, nH)  # (B, nW*nH, N, hd) each
+    kv = gather_keys_values(kv_source, key_index, nH)  # (B, nW, N, 2, nH, hd)
+    k, v = kv.permute(3, 0, 1, 4, 2, 5).reshape(2, B, n_windows * nH, key_index.shape[1], hd)
     bias = bias.flatten(0, 1)[None]  # (1, nW*nH, n, N)
     out = focal_attention(q.flatten(1, 2), k, v, bias, scale, dropout_p)  # (B, nW*nH, n, hd)
     return window_heads_to_map(out.unflatten(1, (n_windows, nH)), map_size)
-
 
 class FocalWindowAttention(nn.Module):
     """Attention of each window's tokens to the window, its ring of fine neighbours and pooled regions.
