@@ -49,6 +49,7 @@ def focal_attention(
 
 # ---- layout helpers -----------------------------------------------------------------------------------------
 
+
 def map_to_window_heads(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
     """(B, Hp, Wp, C) map -> (B, nW, nH, ws*ws, hd): windows row-major, then heads, then tokens row-major."""
     B, Hp, Wp, C = x.shape
@@ -71,13 +72,22 @@ def window_heads_to_map(
     return out
 
 
-def gather_keys_values(kv_source: torch.Tensor, key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Keys and values of every window with one row gather: (B, L, 2C) source, (nW, N) index into it
-    -> (B, nW, N, 2, nH, hd)."""
+def key_value_rows(key_index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Where each window's keys and values are, head by head: (2, nW, nH, N) rows of a key source viewed
+    as (L * 2 * nH, hd) rows (key source token l holds k heads 0..nH-1, then v heads, in rows 2*nH*l...)."""
+    part = torch.arange(2 * num_heads, device=key_index.device).view(2, 1, num_heads, 1)  # k/v, head
+    return key_index[None, :, None, :] * (2 * num_heads) + part
+
+
+def gather_keys_values(kv_source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, L, 2C) key source, (2, nW, nH, N) ``key_value_rows`` -> (B, 2, nW, nH, N, hd), one gather of
+    head-sized rows straight into the layout attention reads (faster than gathering tokens and permuting)."""
     B, L, C2 = kv_source.shape
-    index = key_index.reshape(1, -1) + L * torch.arange(B, device=key_index.device)[:, None]  # (B, nW*N)
-    kv = kv_source.reshape(B * L, C2).index_select(0, index.reshape(-1))
-    return kv.view(B, *key_index.shape, 2, num_heads, C2 // (2 * num_heads))
+    hd = C2 // (2 * rows.shape[2])
+    n_rows = L * C2 // hd
+    index = rows.reshape(1, -1) + n_rows * torch.arange(B, device=rows.device)[:, None]  # (B, 2*nW*nH*N)
+    kv = kv_source.reshape(B * n_rows, hd).index_select(0, index.reshape(-1))
+    return kv.view(B, *rows.shape, hd)
 
 
 def _flash_cpu(q, k, v, bias, scale):
@@ -87,52 +97,50 @@ def _flash_cpu(q, k, v, bias, scale):
 class PerImageFocalAttention(torch.autograd.Function):
     """Focal attention on CPU, one image at a time, with a memory-lean backward.
 
-    Inputs: q (B, nW, nH, n, hd), kv_source (B, L, 2C), key_index (nW, N) into the source, bias
+    Inputs: q (B, nW, nH, n, hd), kv_source (B, L, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias
     (nW, nH, n, N), the scale and the map size (Hp, Wp). Output: the (B, Hp, Wp, C) map of attended values.
-    The forward runs the fused CPU kernel on each image's gathered keys, read in place as (nW, nH, N, hd)
-    strided views, and drops them at once; one image at a time keeps them in cache and lets the allocator
-    reuse one buffer (measured faster than larger chunks or one call per batch). The backward gathers them
-    again, recomputes the probabilities from the saved log-sum-exp and returns the gradients of q, the key
-    source (scattered back through the index) and the bias (summed over images), which the fused kernel's
-    own backward does not give.
+    The forward runs the fused CPU kernel on each image's gathered keys and drops them at once; one image
+    at a time keeps them in cache and lets the allocator reuse one buffer (measured faster than larger
+    chunks or one call per batch). The backward gathers them again, recomputes the probabilities from the
+    saved log-sum-exp and returns the gradients of q, the key source (scattered back through the index)
+    and the bias (summed over images), which the fused kernel's own backward does not give.
     """
 
     @staticmethod
-    def forward(ctx, q, kv_source, key_index, bias, scale, map_size):
+    def forward(ctx, q, kv_source, rows, bias, scale, map_size):
         B, n_windows, nH, n, hd = q.shape
         out = q.new_empty(B, *map_size, nH * hd)
-        lse = q.new_empty(B, n_windows, nH, n)
+        lse = q.new_empty(B, n_windows, nH, n, dtype=torch.promote_types(q.dtype, torch.float32))
         for i in range(B):
-            kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
-            o, lse[i] = _flash_cpu(q[i], kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), bias, scale)
+            k, v = gather_keys_values(kv_source[i : i + 1], rows)[0]  # (nW, nH, N, hd) each
+            o, lse[i] = _flash_cpu(q[i], k, v, bias, scale)
             window_heads_to_map(o[None], map_size, out[i : i + 1])
         ctx.scale = scale
-        ctx.save_for_backward(q, kv_source, key_index, bias, out, lse)
+        ctx.save_for_backward(q, kv_source, rows, bias, out, lse)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
+        q, kv_source, rows, bias, out, lse = ctx.saved_tensors
         need_q, need_kv, _, need_bias = ctx.needs_input_grad[:4]
         scale = ctx.scale
         B, n_windows, nH, n, hd = q.shape
-        n_keys = key_index.shape[1]
+        n_keys = rows.shape[-1]
         G, ws = n_windows * nH, round(n**0.5)
         grad_q = torch.empty_like(q) if need_q else None
         grad_kv = torch.zeros_like(kv_source) if need_kv else None
         grad_bias = torch.zeros(G, n, n_keys, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device)
         grad_kv_image = q.new_empty(2, G, n_keys, hd)
         bias = bias.reshape(G, n, n_keys)
-        flat_index = key_index.reshape(-1)
+        flat_rows = rows.reshape(-1)
         # Cheap per-query terms for the whole batch at once: scaled q, dO and rowsum(dO * O) in window layout.
         qs = (q * scale).view(B, G, n, hd)
         do = map_to_window_heads(grad_out, ws, nH).view(B, G, n, hd)
         delta = (grad_out * out).unflatten(-1, (nH, hd)).sum(-1)  # (B, Hp, Wp, nH)
         delta = map_to_window_heads(delta, ws, nH).view(B, G, n, 1)
         for i in range(B):
-            kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
-            k, v = kv.permute(2, 0, 3, 1, 4).reshape(2, G, n_keys, hd)  # (G, N, hd) each
+            k, v = gather_keys_values(kv_source[i : i + 1], rows)[0].view(2, G, n_keys, hd)
             p = torch.bmm(qs[i], k.transpose(1, 2))  # (G, n, N) scores, then probabilities
             p.add_(bias).sub_(lse[i].view(G, n, 1)).exp_()
             ds = torch.bmm(do[i], v.transpose(1, 2)).sub_(delta[i]).mul_(p)  # gradient of the scores
@@ -142,8 +150,7 @@ class PerImageFocalAttention(torch.autograd.Function):
             if grad_kv is not None:
                 torch.bmm(ds.transpose(1, 2), qs[i], out=grad_kv_image[0])
                 torch.bmm(p.transpose(1, 2), do[i], out=grad_kv_image[1])
-                dkv = grad_kv_image.view(2, n_windows, nH, n_keys, hd).permute(1, 3, 0, 2, 4)  # (nW, N, 2, nH, hd)
-                grad_kv[i].index_add_(0, flat_index, dkv.reshape(n_windows * n_keys, -1))
+                grad_kv[i].view(-1, hd).index_add_(0, flat_rows, grad_kv_image.view(-1, hd))
         if grad_q is not None:
             grad_q.mul_(scale)
         grad_bias = grad_bias.view(n_windows, nH, n, n_keys).to(bias.dtype) if need_bias else None
@@ -159,13 +166,13 @@ def attend_per_image(
     map_size: tuple[int, int],
 ) -> torch.Tensor:
     """``windowed_focal_attention`` one image at a time, without dropout (the CPU path)."""
+    rows = key_value_rows(key_index, q.shape[2])
     if torch.is_grad_enabled() and (q.requires_grad or kv_source.requires_grad or bias.requires_grad):
-        return PerImageFocalAttention.apply(q, kv_source, key_index, bias, scale, map_size)
+        return PerImageFocalAttention.apply(q, kv_source, rows, bias, scale, map_size)
     B, _, nH, _, hd = q.shape
     out = q.new_empty(B, *map_size, nH * hd)
     for i in range(B):
-        kv = gather_keys_values(kv_source[i : i + 1], key_index, nH)[0]  # (nW, N, 2, nH, hd)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (nW, nH, N, hd) views
+        k, v = gather_keys_values(kv_source[i : i + 1], rows)[0]  # (nW, nH, N, hd) each
         o = F.scaled_dot_product_attention(q[i], k, v, attn_mask=bias, scale=scale)
         window_heads_to_map(o[None], map_size, out[i : i + 1])
     return out
@@ -190,11 +197,12 @@ def windowed_focal_attention(
     if q.device.type == "cpu" and dropout_p == 0.0:
         return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
     B, n_windows, nH, n, hd = q.shape
-    kv = gather_keys_values(kv_source, key_index, nH)  # (B, nW, N, 2, nH, hd)
-    k, v = kv.permute(3, 0, 1, 4, 2, 5).reshape(2, B, n_windows * nH, key_index.shape[1], hd)
+    kv = gather_keys_values(kv_source, key_value_rows(key_index, nH))  # (B, 2, nW, nH, N, hd)
+    k, v = kv.flatten(2, 3).unbind(1)  # (B, nW*nH, N, hd) each
     bias = bias.flatten(0, 1)[None]  # (1, nW*nH, n, N)
     out = focal_attention(q.flatten(1, 2), k, v, bias, scale, dropout_p)  # (B, nW*nH, n, hd)
     return window_heads_to_map(out.unflatten(1, (n_windows, nH)), map_size)
+
 
 class FocalWindowAttention(nn.Module):
     """Attention of each window's tokens to the window, its ring of fine neighbours and pooled regions.
@@ -316,21 +324,23 @@ class FocalWindowAttention(nn.Module):
 
         key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout`` (released key order).
         """
-        B, Hp, Wp, C = x.shape
-        ws, nH = self.window_size, self.num_heads
-        qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
-        q = map_to_window_heads(qkv[..., :C], ws, nH)  # (B, nW, nH, ws*ws, hd)
-
-        # Key source: full-resolution k/v, then k/v of each pooled map, then a zero slot: (B, L, 2C).
-        kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        sources = [qkv[..., C:].flatten(1, 2)]
-        sources += [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
-        sources.append(qkv.new_zeros(B, 1, 2 * C))
-        kv_source = torch.cat(sources, 1)
-
+        _, Hp, Wp, _ = x.shape
+        q, kv_source = self.queries_and_key_source(x, pooled)
         columns = self.merged_columns
         key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
         bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
         dropout_p = self.attn_drop if self.training else 0.0
         out = windowed_focal_attention(q, kv_source, key_index, bias, self.scale, dropout_p, (Hp, Wp))
         return self.proj_drop(self.proj(out))
+
+    def queries_and_key_source(self, x: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, nW, nH, ws*ws, hd) of the map and the key source (B, L, 2C): k/v of the map, k/v of
+        each pooled map, then a zero slot. The (B, Hp, Wp, 3C) projection is freed on return."""
+        B, _, _, C = x.shape
+        qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
+        q = map_to_window_heads(qkv[..., :C], self.window_size, self.num_heads)
+        kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+        sources = [qkv[..., C:].flatten(1, 2)]
+        sources += [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
+        sources.append(qkv.new_zeros(B, 1, 2 * C))
+        return q, torch.cat(sources, 1)

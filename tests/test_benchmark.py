@@ -31,8 +31,15 @@ def test_benchmark_writes_json_with_every_field(tmp_path):
 
 def test_peak_memory_is_measured_in_a_subprocess():
     settings = benchmark.BenchSettings(
-        models=[FOCAL], baseline=[SWIN], img_size=[64], mode=["train"], batch_size=1, threads=2, warmup=0,
-        num_classes=10, model_kwargs=json.loads(TINY),
+        models=[FOCAL],
+        baseline=[SWIN],
+        img_size=[64],
+        mode=["train"],
+        batch_size=1,
+        threads=2,
+        warmup=0,
+        num_classes=10,
+        model_kwargs=json.loads(TINY),
     )
     peak = benchmark.measure_peak_memory(FOCAL, "train", 64, settings)
     assert peak is not None and peak > 0

@@ -3,9 +3,9 @@
 Models of one comparison live in one process and their timed iterations are interleaved (model A, baseline,
 model A, baseline, ... with the order alternating every round), so a noisy machine slows all of them alike
 and the ratio stays meaningful; the reported time is the median of ``--iters`` iterations after
-``--warmup``. Peak memory is measured in a fresh subprocess per (model, mode): on CUDA the peak of
-``torch.cuda.max_memory_allocated``, on CPU the peak resident set size (``VmHWM``) above the resident
-size before the model was built. Both count parameters, gradients, optimizer state and activations.
+``--warmup``. Peak memory is measured in a fresh subprocess per (model, mode): the most tensor bytes alive
+at once (``torch.cuda.max_memory_allocated`` on CUDA, the profiler's record of the CPU allocator on CPU),
+parameters, gradients, optimizer state and activations included.
 
 Examples::
 
@@ -169,46 +169,44 @@ def time_interleaved(steps: dict[str, Callable[[], None]], settings: BenchSettin
 # ---- peak memory (fresh subprocess per model and mode) ------------------------------------------------------
 
 
-def _rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _page_size()
+def _peak_allocated_bytes(prof: torch.profiler.profile) -> int:
+    """Peak of the CPU allocator's live bytes over a profile (the CPU analogue of max_memory_allocated)."""
+    from torch._C._profiler import _EventType
 
-
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (VmHWM, or ru_maxrss where /proc is missing)."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+    return peak
 
 
 def measure_peak_memory_here(name: str, mode: str, img_size: int, settings: BenchSettings) -> float:
-    """Peak bytes that building ``name`` and running warm-up + 2 steps of ``mode`` take, in this process."""
+    """Peak bytes of tensors alive at once while building ``name`` and running 3 steps of ``mode`` here.
+
+    Counts parameters, gradients, optimizer state, inputs and activations. On CUDA this is
+    ``max_memory_allocated``; on CPU the allocator's running total recorded by the profiler, which does not
+    depend on how the C library caches freed pages (the resident set size does, by tens of percent).
+    """
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    cuda = torch.device(settings.device).type == "cuda"
-    if cuda:
+
+    def build_and_run() -> None:
+        model = create_model(name, img_size, settings)
+        step = make_step(model, mode, settings.batch_for(img_size), img_size, settings)
+        for _ in range(3):  # the first training step creates the optimizer state
+            step()
+        _synchronize(settings.device)
+
+    if torch.device(settings.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = _rss_bytes()
-    model = create_model(name, img_size, settings)
-    step = make_step(model, mode, settings.batch_for(img_size), img_size, settings)
-    for _ in range(max(1, min(settings.warmup, 2)) + 2):
-        step()
-    _synchronize(settings.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    return float(peak - before)
+        build_and_run()
+        return float(torch.cuda.max_memory_allocated() - before)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        build_and_run()
+    return float(_peak_allocated_bytes(prof))
 
 
 def measure_peak_memory(name: str, mode: str, img_size: int, settings: BenchSettings) -> float | None:
@@ -328,8 +326,12 @@ def _csv(cast: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=_csv(str), help="comma-separated registered model names")
-    parser.add_argument("--baseline", type=_csv(str), default=["swin_tiny_patch4_window7_224"],
-                        help="one timm model for all --models, or one per model (comma-separated)")
+    parser.add_argument(
+        "--baseline",
+        type=_csv(str),
+        default=["swin_tiny_patch4_window7_224"],
+        help="one timm model for all --models, or one per model (comma-separated)",
+    )
     parser.add_argument("--preset", choices=["paper-table"], help="the released throughput table (GPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, cuda for --preset)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast to bf16/fp16")
@@ -342,8 +344,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=7, help="timed iterations per model (median reported)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory subprocesses")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
-                        help='JSON constructor overrides for every model, e.g. \'{"depths": [1, 1, 1, 1]}\'')
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON constructor overrides for every model, e.g. '{\"depths\": [1, 1, 1, 1]}'",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write settings, environment and results here")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
