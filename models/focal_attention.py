@@ -162,7 +162,7 @@ class PerImageFocalAttention(torch.autograd.Function):
             ds = torch.baddbmm(delta[i], do[i], v.transpose(1, 2), beta=-1).mul_(p)  # gradient of the scores
             grad_bias.add_(ds)
             if grad_q is not None:
-                torch.bmm(ds, k, out=grad_q[i].view(G, n, hd))
+                grad_q[i] = torch.bmm(ds, k).view(n_windows, nH, n, hd)
             if grad_kv is not None:
                 torch.bmm(ds.transpose(1, 2), qs[i], out=grad_kv_image[0])
                 torch.bmm(p.transpose(1, 2), do[i], out=grad_kv_image[1])
