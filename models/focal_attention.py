@@ -3,16 +3,18 @@
 The released code builds the keys of a window from 4 rolled copies of k/v, a boolean index and an
 ``nn.Unfold`` per pooled level, then adds three kinds of position bias piece by piece. Here the same keys
 are gathered through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
-concatenated tables through one precomputed index, and a fused attention kernel does the rest. Key order,
+concatenated tables through one precomputed index, and batched matrix products do the rest (one fused
+``scaled_dot_product_attention`` call on GPU or with dropout). Key order,
 wrap-around and masks are those of the release, so released weights give the same outputs (see
 tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
 
 - ring keys the release repeats (same token, own bias column) are merged into one key whose bias is the
   log-sum-exp of theirs (``focal_geometry.merged_key_columns``);
 - on CPU the attention runs one image at a time, so the gathered keys (3-5x the size of the map) stay
-  in cache and small enough to be reused from the allocator instead of faulting in fresh pages, and
-  training goes through ``PerImageFocalAttention``, which saves the ungathered key source instead of the
-  gathered keys and computes the bias gradient the fused CPU kernel does not provide.
+  in cache and small enough to be reused from the allocator instead of faulting in fresh pages; the
+  scores start from the bias inside ``baddbmm`` and the softmax runs in place (faster there than the
+  fused flash kernel at 49 queries per window), and training goes through ``PerImageFocalAttention``,
+  which saves the ungathered key source instead of the gathered keys and recomputes the probabilities.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class PerImageFocalAttention(torch.autograd.Function):
     in cache and lets the allocator reuse one buffer (measured faster than larger chunks or one call per
     batch). Nothing per key is saved: the backward gathers the keys again, recomputes the probabilities and
     returns the gradients of q, the key source (scattered back through the index) and the bias (summed
-    over images), which the fused kernel's own backward does not give.
+    over images).
     """
 
     @staticmethod

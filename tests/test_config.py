@@ -44,9 +44,7 @@ RELEASED_ARCH = {
 }
 
 
-def make_args(
-    cfg: str | os.PathLike | None = None, opts: list[str] | None = None, **flags
-) -> argparse.Namespace:
+def make_args(cfg: str | os.PathLike | None = None, opts: list[str] | None = None, **flags) -> argparse.Namespace:
     """The Namespace main.py's parser produces: every flag update_config reads, unset unless given."""
     args = argparse.Namespace(
         cfg=str(cfg) if cfg is not None else None,
