@@ -116,6 +116,17 @@ def attend_image(
     window_heads_to_map(attended, out.shape[:2], out[None])
 
 
+def attend_images(
+    scaled_q: torch.Tensor, kv_source: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, map_size: tuple[int, int]
+) -> torch.Tensor:
+    """``attend_image`` for each image of scaled_q (B, nW, nH, n, hd) and kv_source (B, L, 2C): (B, Hp, Wp, C)."""
+    B, _, nH, _, hd = scaled_q.shape
+    out = scaled_q.new_empty(B, *map_size, nH * hd)
+    for i in range(B):
+        attend_image(scaled_q[i], kv_source[i], rows, bias, out[i])
+    return out
+
+
 class PerImageFocalAttention(torch.autograd.Function):
     """Focal attention on CPU, one image at a time, with a memory-lean backward.
 
@@ -130,11 +141,8 @@ class PerImageFocalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kv_source, rows, bias, scale, map_size):
-        B, _, nH, _, hd = q.shape
         scaled_q = q * scale
-        out = q.new_empty(B, *map_size, nH * hd)
-        for i in range(B):
-            attend_image(scaled_q[i], kv_source[i], rows, bias, out[i])
+        out = attend_images(scaled_q, kv_source, rows, bias, map_size)
         ctx.scale = scale
         ctx.save_for_backward(scaled_q, kv_source, rows, bias, out)
         return out
@@ -187,12 +195,7 @@ def attend_per_image(
     rows = key_value_rows(key_index, q.shape[2])
     if torch.is_grad_enabled() and (q.requires_grad or kv_source.requires_grad or bias.requires_grad):
         return PerImageFocalAttention.apply(q, kv_source, rows, bias, scale, map_size)
-    B, _, nH, _, hd = q.shape
-    scaled_q = q * scale
-    out = q.new_empty(B, *map_size, nH * hd)
-    for i in range(B):
-        attend_image(scaled_q[i], kv_source[i], rows, bias, out[i])
-    return out
+    return attend_images(q * scale, kv_source, rows, bias, map_size)
 
 
 def windowed_focal_attention(
