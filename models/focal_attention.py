@@ -39,6 +39,13 @@ def ring_size(window_size: int, expand_size: int) -> int:
     return 4 * window_size**2 - 4 * (window_size - expand_size) ** 2
 
 
+def head_scale(dim: int, num_heads: int, qk_scale: float | None) -> float:
+    """The q k^T scale, ``qk_scale`` or head_dim ** -0.5; refuses a head count that does not divide ``dim``."""
+    if dim % num_heads:
+        raise ValueError(f"num_heads {num_heads} must divide the stage dimension {dim}")
+    return qk_scale or (dim // num_heads) ** -0.5
+
+
 def focal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float
 ) -> torch.Tensor:
@@ -92,6 +99,11 @@ def gather_keys_values(kv_source: torch.Tensor, rows: torch.Tensor) -> torch.Ten
     return kv.view(B, *rows.shape, hd)
 
 
+def image_keys_values(kv_source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One image's gathered keys and values: kv_source (L, 2C), ``key_value_rows`` -> (2, nW*nH, N, hd)."""
+    return gather_keys_values(kv_source[None], rows)[0].flatten(1, 2)
+
+
 def image_probabilities(scaled_q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * scale + bias) of one image: scaled_q (G, n, hd), k (G, N, hd), bias (G, n, N) -> (G, n, N).
 
@@ -110,7 +122,7 @@ def attend_image(
     scaled_q: (nW, nH, n, hd); kv_source: (L, 2C); rows (2, nW, nH, N) from ``key_value_rows``; bias (nW, nH, n, N).
     """
     n_windows, nH, n, hd = scaled_q.shape
-    k, v = gather_keys_values(kv_source[None], rows)[0].flatten(1, 2)  # (nW*nH, N, hd) each
+    k, v = image_keys_values(kv_source, rows)  # (nW*nH, N, hd) each
     p = image_probabilities(scaled_q.reshape(-1, n, hd), k, bias.flatten(0, 1))
     attended = torch.bmm(p, v).view(1, n_windows, nH, n, hd)
     window_heads_to_map(attended, out.shape[:2], out[None])
@@ -167,7 +179,7 @@ class PerImageFocalAttention(torch.autograd.Function):
         delta = (grad_out * out).unflatten(-1, (nH, hd)).sum(-1)  # (B, Hp, Wp, nH)
         delta = map_to_window_heads(delta, ws, nH).view(B, G, n, 1)
         for i in range(B):
-            k, v = gather_keys_values(kv_source[i : i + 1], rows)[0].view(2, G, n_keys, hd)
+            k, v = image_keys_values(kv_source[i], rows)  # (G, N, hd) each
             p = image_probabilities(qs[i], k, bias)  # (G, n, N)
             ds = torch.baddbmm(delta[i], do[i], v.transpose(1, 2), beta=-1).mul_(p)  # gradient of the scores
             grad_bias.add_(ds)
@@ -244,16 +256,13 @@ class FocalWindowAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide the stage dimension {dim}")
+        self.scale = head_scale(dim, num_heads, qk_scale)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
         self.expand_size = expand_size
         self.focal_window = focal_window
         self.num_pooled_levels = num_pooled_levels
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim**-0.5
         self.attn_drop = attn_drop
 
         ws2 = window_size * window_size

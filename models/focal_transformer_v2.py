@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .focal_attention import focal_attention
+from .focal_attention import focal_attention, head_scale
 from .focal_geometry import window_partition, window_reverse
 from .focal_transformer import FocalBlock, FocalTransformer
 
@@ -123,8 +123,7 @@ class TopKFocalAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} must divide the stage dimension {dim}")
+        self.scale = head_scale(dim, num_heads, qk_scale)
         if top_k < 1:
             raise ValueError(f"focal_topK must be at least 1, got {top_k}")
         self.dim = dim
@@ -134,7 +133,6 @@ class TopKFocalAttention(nn.Module):
         self.focal_level = focal_level
         self.top_k = top_k
         head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim**-0.5
         self.attn_drop = attn_drop
 
         self.register_buffer("window_coords", window_offsets(window_size))
