@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import fused_focal_attention
 from .focal_geometry import (
     merged_key_columns,
     pooled_window_size,
@@ -32,6 +33,9 @@ from .focal_geometry import (
     released_valid_ind_rolled,
     released_valid_ind_unfold,
 )
+
+# Devices whose attention runs in the fused Triton kernels (tests add "cpu", where Triton's interpreter runs them).
+FUSED_DEVICES = {"cuda"}
 
 
 def ring_size(window_size: int, expand_size: int) -> int:
@@ -211,21 +215,34 @@ def attend_per_image(
 
 
 def windowed_focal_attention(
-    q: torch.Tensor,
-    kv_source: torch.Tensor,
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
     dropout_p: float,
-    map_size: tuple[int, int],
+    window_size: int,
+    num_heads: int,
 ) -> torch.Tensor:
-    """Attention of every window's queries to its gathered keys, returned as a (B, Hp, Wp, C) map.
+    """Attention of every window's queries to its keys, returned as a (B, Hp, Wp, C) map.
 
-    q: (B, nW, nH, n, hd); kv_source: (B, L, 2C) with k then v, heads-major within each; key_index: (nW, N)
-    into the source; bias: (nW, nH, n, N), shared by the images. On CPU without dropout the images are
-    attended one at a time (``attend_per_image``); elsewhere in one ``scaled_dot_product_attention`` call.
+    qkv: (B, Hp, Wp, 3C) q, k, v of the map (heads-major within each); pooled_kv: (B, L_pooled, 2C) k then v of
+    the pooled maps and the zero slot; key_index: (nW, N) into the key source [map tokens row-major, pooled
+    rows]; bias: (nW, nH, ws*ws, N), shared by the images. Three paths compute the same thing: on CUDA the fused
+    Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU without dropout
+    one image at a time (``attend_per_image``); otherwise (attention dropout, or float64) one
+    ``scaled_dot_product_attention`` call over gathered keys.
     """
-    bias, kv_source = bias.to(q.dtype), kv_source.to(q.dtype)
+    pooled_kv = pooled_kv.to(qkv.dtype)
+    if qkv.device.type in FUSED_DEVICES and fused_focal_attention.supports(qkv, dropout_p):
+        return fused_focal_attention.fused_focal_attention(
+            qkv, pooled_kv, key_index, bias, scale, window_size, num_heads
+        )
+    C = qkv.shape[-1] // 3
+    q = map_to_window_heads(qkv[..., :C], window_size, num_heads)  # (B, nW, nH, ws*ws, hd)
+    kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)  # (B, L, 2C)
+    map_size = tuple(qkv.shape[1:3])
+    bias = bias.to(q.dtype)
     if q.device.type == "cpu" and dropout_p == 0.0:
         return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
     B, n_windows, nH, n, hd = q.shape
@@ -314,11 +331,9 @@ class FocalWindowAttention(nn.Module):
 
     def _bias_tables(self) -> torch.Tensor:
         """All bias tables concatenated heads-first: (nH, total entries)."""
-        tables = [self.relative_position_bias_table.t()]
-        if self.expand_size > 0:
-            tables.append(self.relative_position_bias_table_to_neighbors.flatten(2)[0])
-        tables.extend(self.relative_position_bias_table_to_windows)
-        return torch.cat(tables, 1)
+        ring = [self.relative_position_bias_table_to_neighbors.flatten(2)[0]] if self.expand_size > 0 else []
+        pooled = [self.relative_position_bias_table_to_windows[k] for k in range(self.num_pooled_levels)]
+        return torch.cat([self.relative_position_bias_table.t(), *ring, *pooled], 1)
 
     def position_bias(self) -> torch.Tensor:
         """Learned bias of every query to every released key slot: (nH, ws^2, N)."""
@@ -353,23 +368,24 @@ class FocalWindowAttention(nn.Module):
 
         key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout`` (released key order).
         """
-        _, Hp, Wp, _ = x.shape
-        q, kv_source = self.queries_and_key_source(x, pooled)
+        qkv, pooled_kv = self.qkv_and_pooled_key_source(x, pooled)
         columns = self.merged_columns
         key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
         bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
         dropout_p = self.attn_drop if self.training else 0.0
-        out = windowed_focal_attention(q, kv_source, key_index, bias, self.scale, dropout_p, (Hp, Wp))
+        out = windowed_focal_attention(
+            qkv, pooled_kv, key_index, bias, self.scale, dropout_p, self.window_size, self.num_heads
+        )
         return self.proj_drop(self.proj(out))
 
-    def queries_and_key_source(self, x: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries (B, nW, nH, ws*ws, hd) of the map and the key source (B, L, 2C): k/v of the map, k/v of
-        each pooled map, then a zero slot. The (B, Hp, Wp, 3C) projection is freed on return."""
+    def qkv_and_pooled_key_source(
+        self, x: torch.Tensor, pooled: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map's q, k, v (B, Hp, Wp, 3C) and the pooled part of the key source (B, L_pooled, 2C): k/v of each
+        pooled map (the qkv Linear without its q rows), then a zero slot."""
         B, _, _, C = x.shape
         qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
-        q = map_to_window_heads(qkv[..., :C], self.window_size, self.num_heads)
         kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        sources = [qkv[..., C:].flatten(1, 2)]
-        sources += [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
+        sources = [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
         sources.append(qkv.new_zeros(B, 1, 2 * C))
-        return q, torch.cat(sources, 1)
+        return qkv, torch.cat(sources, 1)

@@ -12,6 +12,8 @@ from models import FocalTransformer, FocalTransformerV2, load_official_weights
 # Fixture folder -> the model class that must reproduce its fixtures (v1: Focal, v2: Focal-fast).
 MODEL_CLASS_OF = {"golden": FocalTransformer, "golden_v2": FocalTransformerV2}
 GOLDEN = [(model_class, path) for folder, model_class in MODEL_CLASS_OF.items() for path in fixture_paths(folder)]
+# CPU always; CUDA too where there is a GPU (its batched attention path, with TF32 off so fp32 stays fp32).
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 # Softmax ignores a constant added to a whole row, so with a single focal level the output bias of v2's coord2rpb
 # MLP has a zero gradient: both sides hold rounding noise there, compared with the largest gradient (this fraction
@@ -22,14 +24,22 @@ ZERO_GRADIENT_NOISE = {FocalTransformer: 0.0, FocalTransformerV2: 1e-12}
 def _loaded_model(model_class: type[nn.Module], fixture: dict, dtype: torch.dtype) -> nn.Module:
     model = model_class(**fixture["kwargs"])
     load_official_weights(model, fixture["state_dict"])
-    return model.to(dtype)
+    return model.to(fixture["input"].device, dtype)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="module", params=GOLDEN, ids=lambda golden: f"{golden[1].parent.name}/{golden[1].stem}")
-def golden(request) -> tuple[type[nn.Module], dict]:
-    """(model class, fixture) for one golden fixture."""
+def golden(request, device) -> tuple[type[nn.Module], dict]:
+    """(model class, fixture) for one golden fixture, its tensors on ``device``."""
     model_class, path = request.param
-    return model_class, load_fixture(path)
+    fixture = load_fixture(path)
+    on_device = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in fixture.items()}
+    on_device["grads_fp64"] = {name: grad.to(device) for name, grad in fixture["grads_fp64"].items()}
+    return model_class, on_device
 
 
 def test_fp64_logits_match_released(golden):

@@ -1,0 +1,256 @@
+"""Focal window attention in two Triton kernels (forward, backward) that read the keys through the key index.
+
+The batched path gathers every window's keys and values into a tensor 3-5x the size of the map before calling
+``scaled_dot_product_attention``, and its backward scatters them back with ``index_add_``: on a GPU those copies
+cost more than the attention itself. Here each program loads its window's queries, keys and values straight from the
+qkv projection of the map and the (small) k/v of the pooled maps, through ``key_index``, and writes its output
+straight into the (B, Hp, Wp, C) map, so nothing is gathered, scattered, concatenated or sliced in memory:
+
+- forward, one program per (window, head, image): online softmax over key blocks (flash attention), bias read
+  from the (nW, nH, ws*ws, N) tensor, the log-sum-exp of every query kept for the backward;
+- backward, one program per (window, head, key block, chunk of images): the probabilities recomputed from the
+  log-sum-exp, key and value gradients added atomically (fp32, relaxed order) into the rows they were read
+  from, query gradients likewise (all into one qkv-shaped buffer), and the bias gradient summed over the chunk
+  in registers (chunks are summed after).
+
+The math is that of ``focal_attention.windowed_focal_attention``: softmax(q k^T * scale + bias) v with the same
+keys and biases; fp32 inputs use IEEE fp32 products (no TF32). Used on CUDA for fp32/bf16/fp16 without attention
+dropout (``supports``); tests run the same kernels on CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with the Linux CUDA builds of torch
+    triton = None
+
+BLOCK_K = 64  # keys per block
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TARGET_PROGRAMS = 2048  # backward: enough programs to fill a large GPU, images split into chunks to get there
+
+
+def supports(qkv: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the fused kernels run this attention: Triton present, a supported dtype, no attention dropout."""
+    return triton is not None and dropout_p == 0.0 and qkv.dtype in FUSED_DTYPES
+
+
+if triton is not None:
+
+    @triton.jit
+    def _query_pixels(window, windows_x, map_width, WINDOW: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Pixel index (y * Wp + x) of each of the window's queries, row-major, and which of the BLOCK_Q are real."""
+        i = tl.arange(0, BLOCK_Q)
+        y = (window // windows_x) * WINDOW + i // WINDOW
+        x = (window % windows_x) * WINDOW + i % WINDOW
+        return y * map_width + x, i < WINDOW * WINDOW
+
+    @triton.jit
+    def _head_columns(head, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+        """Channels of ``head`` as a (1, HEAD_PAD) row (the head dimension padded to a ``tl.dot`` size) and which
+        of them are real."""
+        d = tl.arange(0, HEAD_PAD)[None, :]
+        return head * HEAD_DIM + d, d < HEAD_DIM
+
+    @triton.jit
+    def _key_rows(map_ptr, pooled_ptr, b, tokens, map_tokens, pooled_tokens, dim):
+        """Where each key's k row starts (its v row is ``dim`` further): key source token ``t`` is pixel ``t`` of a
+        (B, Hp, Wp, 3C) qkv map (k after the C query channels) when t < Hp * Wp, else row t - Hp * Wp of the
+        (B, L_pooled, 2C) pooled k/v."""
+        map_rows = map_ptr + (b * map_tokens + tokens) * (3 * dim) + dim
+        pooled_rows = pooled_ptr + (b * pooled_tokens + tokens - map_tokens) * (2 * dim)
+        return tl.where(tokens < map_tokens, map_rows, pooled_rows)
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b accumulated in fp32; IEEE fp32 products (no TF32) when IEEE."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _forward_kernel(
+        qkv_ptr, pooled_ptr, index_ptr, bias_ptr, out_ptr, lse_ptr,
+        scale, num_heads, windows_x, map_width, map_tokens, pooled_tokens, num_keys, dim,
+        WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        scale = tl.cast(scale, tl.float32)  # torch.compile passes the Python float as float64
+        window_head = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        window, head = window_head // num_heads, window_head % num_heads
+        head_cols, col_valid = _head_columns(head, HEAD_DIM, HEAD_PAD)
+        pixels, q_valid = _query_pixels(window, windows_x, map_width, WINDOW, BLOCK_Q)
+        pixels = b * map_tokens + pixels
+        q_mask = q_valid[:, None] & col_valid
+        q = tl.load(qkv_ptr + pixels[:, None] * (3 * dim) + head_cols, mask=q_mask, other=0.0)
+        bias_rows = bias_ptr + (window_head * WINDOW * WINDOW + tl.arange(0, BLOCK_Q)) * num_keys
+
+        row_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, HEAD_PAD], tl.float32)
+        for start in range(0, num_keys, BLOCK_K):
+            j = start + tl.arange(0, BLOCK_K)
+            key_valid = j < num_keys
+            tokens = tl.load(index_ptr + window * num_keys + j, mask=key_valid, other=0)
+            k_rows = _key_rows(qkv_ptr, pooled_ptr, b, tokens, map_tokens, pooled_tokens, dim)[:, None] + head_cols
+            k_mask = key_valid[:, None] & col_valid
+            k = tl.load(k_rows, mask=k_mask, other=0.0)
+            v = tl.load(k_rows + dim, mask=k_mask, other=0.0)
+            bias = tl.load(bias_rows[:, None] + j[None, :], mask=q_valid[:, None] & key_valid[None, :], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * scale + bias
+            s = tl.where(key_valid[None, :], s, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            p = tl.exp(s - new_max[:, None])
+            correction = tl.exp(row_max - new_max)
+            row_sum = row_sum * correction + tl.sum(p, 1)
+            acc = acc * correction[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            row_max = new_max
+
+        out = (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + pixels[:, None] * dim + head_cols, out, mask=q_mask)
+        tl.store(lse_ptr + pixels * num_heads + head, row_max + tl.log(row_sum), mask=q_valid)
+
+    @triton.jit
+    def _backward_kernel(
+        qkv_ptr, pooled_ptr, index_ptr, bias_ptr, out_ptr, grad_out_ptr, lse_ptr,
+        grad_qkv_ptr, grad_pooled_ptr, grad_bias_ptr,
+        scale, num_heads, windows_x, map_width, map_tokens, pooled_tokens, num_keys, dim,
+        batch, images_per_program, bias_chunk_stride,
+        WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        scale = tl.cast(scale, tl.float32)
+        window_head = tl.program_id(0)
+        key_block = tl.program_id(1)
+        chunk = tl.program_id(2)
+        window, head = window_head // num_heads, window_head % num_heads
+        head_cols, col_valid = _head_columns(head, HEAD_DIM, HEAD_PAD)
+        j = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
+        key_valid = j < num_keys
+        k_mask = key_valid[:, None] & col_valid
+        window_pixels, q_valid = _query_pixels(window, windows_x, map_width, WINDOW, BLOCK_Q)
+        q_mask = q_valid[:, None] & col_valid
+        both = q_valid[:, None] & key_valid[None, :]
+        bias_offsets = (window_head * WINDOW * WINDOW + tl.arange(0, BLOCK_Q)[:, None]) * num_keys + j[None, :]
+        bias = tl.load(bias_ptr + bias_offsets, mask=both, other=0.0)
+        tokens = tl.load(index_ptr + window * num_keys + j, mask=key_valid, other=0)
+
+        grad_bias = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
+        first = chunk.to(tl.int64) * images_per_program
+        for image in range(0, tl.minimum(images_per_program, batch - chunk * images_per_program)):
+            b = first + image
+            pixels = b * map_tokens + window_pixels
+            q = tl.load(qkv_ptr + pixels[:, None] * (3 * dim) + head_cols, mask=q_mask, other=0.0)
+            k_rows = _key_rows(qkv_ptr, pooled_ptr, b, tokens, map_tokens, pooled_tokens, dim)[:, None] + head_cols
+            k = tl.load(k_rows, mask=k_mask, other=0.0)
+            v = tl.load(k_rows + dim, mask=k_mask, other=0.0)
+            map_offsets = pixels[:, None] * dim + head_cols
+            grad_out = tl.load(grad_out_ptr + map_offsets, mask=q_mask, other=0.0)
+            out = tl.load(out_ptr + map_offsets, mask=q_mask, other=0.0)
+            delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)  # sum_d dO O, per query
+            lse = tl.load(lse_ptr + pixels * num_heads + head, mask=q_valid, other=0.0)
+
+            s = _dot(q, tl.trans(k), IEEE) * scale + bias
+            p = tl.where(both, tl.exp(s - lse[:, None]), 0.0)
+            grad_v = _dot(tl.trans(p.to(grad_out.dtype)), grad_out, IEEE)
+            grad_s = p * (_dot(grad_out, tl.trans(v), IEEE) - delta[:, None])
+            grad_bias += grad_s
+            grad_k = _dot(tl.trans(grad_s.to(q.dtype)), q, IEEE) * scale
+            grad_q = _dot(grad_s.to(k.dtype), k, IEEE) * scale
+
+            grad_k_rows = _key_rows(grad_qkv_ptr, grad_pooled_ptr, b, tokens, map_tokens, pooled_tokens, dim)
+            grad_k_rows = grad_k_rows[:, None] + head_cols
+            tl.atomic_add(grad_k_rows, grad_k, mask=k_mask, sem="relaxed")
+            tl.atomic_add(grad_k_rows + dim, grad_v, mask=k_mask, sem="relaxed")
+            grad_q_rows = grad_qkv_ptr + pixels[:, None] * (3 * dim) + head_cols
+            tl.atomic_add(grad_q_rows, grad_q, mask=q_mask, sem="relaxed")
+        tl.store(grad_bias_ptr + chunk * bias_chunk_stride + bias_offsets, grad_bias, mask=both)
+
+
+def _block_sizes(window_size: int, head_dim: int) -> dict:
+    """Compile-time sizes: queries per window and the head dimension, padded to powers of two >= 16 (``tl.dot``)."""
+    return dict(
+        WINDOW=window_size,
+        HEAD_DIM=head_dim,
+        HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_Q=max(16, triton.next_power_of_2(window_size * window_size)),
+        BLOCK_K=BLOCK_K,
+    )
+
+
+def _geometry(qkv: torch.Tensor, pooled_kv: torch.Tensor, key_index: torch.Tensor, window_size: int) -> dict:
+    """The kernels' shape arguments, shared by forward and backward."""
+    _, Hp, Wp, C3 = qkv.shape
+    return dict(
+        windows_x=Wp // window_size,
+        map_width=Wp,
+        map_tokens=Hp * Wp,
+        pooled_tokens=pooled_kv.shape[1],
+        num_keys=key_index.shape[1],
+        dim=C3 // 3,
+    )
+
+
+class FusedFocalAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
+
+    qkv: (B, Hp, Wp, 3C), the map's q, k, v (heads-major within each); pooled_kv: (B, L_pooled, 2C), k then v of
+    the pooled maps and any zero slot; key_index: (nW, N) into the key source [map tokens, pooled rows];
+    bias: (nW, nH, ws*ws, N). Returns the (B, Hp, Wp, C) map in qkv's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
+        qkv, pooled_kv = qkv.contiguous(), pooled_kv.contiguous()
+        key_index, bias = key_index.contiguous(), bias.contiguous()
+        B, Hp, Wp, C3 = qkv.shape
+        geometry = _geometry(qkv, pooled_kv, key_index, window_size)
+        out = qkv.new_empty(B, Hp, Wp, C3 // 3)
+        lse = torch.empty(B, Hp, Wp, num_heads, device=qkv.device, dtype=torch.float32)
+        windows = (Hp // window_size) * (Wp // window_size)
+        _forward_kernel[(windows * num_heads, B)](
+            qkv, pooled_kv, key_index, bias, out, lse, scale, num_heads, **geometry,
+            **_block_sizes(window_size, C3 // 3 // num_heads), IEEE=qkv.dtype == torch.float32, num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(qkv, pooled_kv, key_index, bias, out, lse)
+        ctx.scale, ctx.window_size, ctx.num_heads = scale, window_size, num_heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, pooled_kv, key_index, bias, out, lse = ctx.saved_tensors
+        ws, nH = ctx.window_size, ctx.num_heads
+        B, Hp, Wp, C3 = qkv.shape
+        geometry = _geometry(qkv, pooled_kv, key_index, ws)
+        grad_qkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
+        grad_pooled = torch.zeros(pooled_kv.shape, device=qkv.device, dtype=torch.float32)
+        windows, key_blocks = (Hp // ws) * (Wp // ws), triton.cdiv(geometry["num_keys"], BLOCK_K)
+        chunks = min(B, triton.cdiv(TARGET_PROGRAMS, windows * nH * key_blocks))
+        images_per_program = triton.cdiv(B, chunks)
+        chunks = triton.cdiv(B, images_per_program)
+        grad_bias = torch.empty(chunks, *bias.shape, device=qkv.device, dtype=torch.float32)
+        _backward_kernel[(windows * nH, key_blocks, chunks)](
+            qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,
+            ctx.scale, nH, **geometry, batch=B, images_per_program=images_per_program,
+            bias_chunk_stride=bias.numel(), **_block_sizes(ws, C3 // 3 // nH), IEEE=qkv.dtype == torch.float32,
+            num_warps=4,
+        )  # fmt: skip
+        grads = grad_qkv.to(qkv.dtype), grad_pooled.to(pooled_kv.dtype), None, grad_bias.sum(0).to(bias.dtype)
+        return (*grads, None, None, None)
+
+
+def fused_focal_attention(
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
+    key_index: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    window_size: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """``FusedFocalAttention`` (see there for shapes)."""
+    return FusedFocalAttention.apply(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)

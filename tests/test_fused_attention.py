@@ -1,0 +1,139 @@
+"""The fused Triton focal attention (GPU path) computes what the gathered-key attention computes, forward and backward.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (tests/conftest.py); on a GPU they run
+compiled. The reference is the batched path, ``scaled_dot_product_attention`` over gathered keys, in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden import fixture_paths, load_fixture, max_relative_error
+
+from models import FocalTransformer, load_official_weights
+from models import focal_attention as focal_attention_module
+from models import fused_focal_attention as fused
+from models.focal_attention import (
+    focal_attention,
+    gather_keys_values,
+    key_value_rows,
+    map_to_window_heads,
+    window_heads_to_map,
+)
+
+pytestmark = pytest.mark.skipif(fused.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH, HEADS = 3, 2
+
+
+def reference(qkv, pooled_kv, key_index, bias, scale, window_size):
+    """softmax(q k^T * scale + bias) v over gathered keys, the batched path's math: (B, Hp, Wp, C)."""
+    C = qkv.shape[-1] // 3
+    q = map_to_window_heads(qkv[..., :C], window_size, HEADS)  # (B, nW, nH, n, hd)
+    kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)
+    B, n_windows, nH, n, hd = q.shape
+    k, v = gather_keys_values(kv_source, key_value_rows(key_index, nH)).flatten(2, 3).unbind(1)
+    out = focal_attention(q.flatten(1, 2), k, v, bias.flatten(0, 1)[None], scale, 0.0)
+    return window_heads_to_map(out.unflatten(1, (n_windows, nH)), tuple(qkv.shape[1:3]))
+
+
+def inputs(window_size: int, windows_per_side: int, num_keys: int, head_dim: int, seed: int = 0):
+    """A qkv map, pooled k/v ending with the zero slot, a key index into [map tokens, pooled rows] with a repeated
+    key and the zero slot, and a bias with -100 entries (masked keys), float64 on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    side = window_size * windows_per_side
+    n_windows, n, C = windows_per_side**2, window_size**2, HEADS * head_dim
+    qkv = torch.randn(BATCH, side, side, 3 * C, generator=g, dtype=torch.float64)
+    pooled_kv = torch.randn(BATCH, 6, 2 * C, generator=g, dtype=torch.float64)
+    pooled_kv[:, -1] = 0.0  # the zero slot
+    n_tokens = side * side + 5  # the map's tokens and 5 pooled tokens
+    key_index = torch.randint(0, n_tokens + 1, (n_windows, num_keys), generator=g)
+    key_index[:, -1] = n_tokens  # the zero slot
+    key_index[:, 1] = key_index[:, 0]  # a repeated key
+    bias = torch.randn(n_windows, HEADS, n, num_keys, generator=g, dtype=torch.float64)
+    bias[..., -1] = -100.0
+    to = dict(device=DEVICE)
+    return qkv.to(**to), pooled_kv.to(**to), key_index.to(**to), bias.to(**to)
+
+
+# (window size, windows per side, keys per window, head dim): queries not a power of two, keys spanning several
+# blocks and ending mid-block, head dims below 16 and not a power of two (padded in the kernels).
+SHAPES = [(3, 2, 70, 16), (4, 2, 64, 8), (2, 3, 131, 24)]
+SHAPE_IDS = [f"ws{s[0]}-nw{s[1] ** 2}-keys{s[2]}-hd{s[3]}" for s in SHAPES]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_matches_gathered_attention(shape):
+    window_size = shape[0]
+    qkv, pooled_kv, key_index, bias = inputs(*shape)
+    expected = reference(qkv, pooled_kv, key_index, bias, 0.3, window_size)
+    out = fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), 0.3, window_size, HEADS)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("target_programs", [1, 10**6], ids=["all-images-per-program", "one-image-per-program"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_backward_matches_autograd(shape, target_programs, monkeypatch):
+    monkeypatch.setattr(fused, "TARGET_PROGRAMS", target_programs)
+    window_size = shape[0]
+    qkv, pooled_kv, key_index, bias = inputs(*shape, seed=1)
+    grad_out = torch.randn(*qkv.shape[:3], qkv.shape[-1] // 3, dtype=torch.float64, device=DEVICE)
+
+    def gradients(attend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (qkv, pooled_kv, bias)]
+        attend(*leaves[:2], key_index, leaves[2], 0.3, window_size).backward(grad_out.to(dtype))
+        return [leaf.grad.double() for leaf in leaves]
+
+    def attend_fused(qkv, pooled_kv, index, b, scale, ws):
+        return fused.fused_focal_attention(qkv, pooled_kv, index, b, scale, ws, HEADS)
+
+    expected = gradients(reference, torch.float64)
+    actual = gradients(attend_fused, torch.float32)
+    for name, got, want in zip(("qkv", "pooled k/v", "bias"), actual, expected):
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        assert error < 1e-5, f"{name} gradient off by {error:.2e}"
+
+
+# Triton's interpreter mis-reads bfloat16 (float16 goes through the same low-precision casts in the kernels).
+HALF_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_half_precision_forward_is_close(dtype):
+    qkv, pooled_kv, key_index, bias = inputs(4, 2, 70, 32, seed=2)
+    expected = reference(qkv, pooled_kv, key_index, bias, 0.3, 4)
+    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias.float(), 0.3, 4, HEADS)
+    assert out.dtype == dtype
+    relative = ((out.double() - expected).norm() / expected.norm()).item()
+    assert relative < 1e-2
+
+
+def test_supports_only_what_the_kernels_take():
+    qkv = torch.zeros(1, 4, 4, 3 * 64)
+    assert fused.supports(qkv, dropout_p=0.0) and fused.supports(qkv.bfloat16(), dropout_p=0.0)
+    assert not fused.supports(qkv, dropout_p=0.1)  # attention dropout: batched path
+    assert not fused.supports(qkv.double(), dropout_p=0.0)  # float64: batched path
+
+
+@pytest.mark.parametrize("path", fixture_paths("golden"), ids=lambda path: path.stem)
+def test_golden_fixture_through_the_fused_kernels(path, monkeypatch):
+    """A whole released-layout model with its attention in the fused kernels: fp32 logits as close to the released
+    ones as the other paths get, and fp32 gradients close to the released fp64 ones."""
+    monkeypatch.setattr(focal_attention_module, "FUSED_DEVICES", {"cpu", "cuda"})
+    calls = []
+    attend = fused.fused_focal_attention
+    monkeypatch.setattr(fused, "fused_focal_attention", lambda *args: calls.append(1) or attend(*args))
+    fixture = load_fixture(path)
+    model = FocalTransformer(**fixture["kwargs"])
+    load_official_weights(model, fixture["state_dict"])
+    model = model.to(DEVICE).train()
+    images = fixture["input"].to(DEVICE)
+    logits = model(images)
+    assert len(calls) == sum(fixture["kwargs"]["depths"])  # every block attended in the kernels
+    assert (logits.detach().cpu() - fixture["logits_fp32"]).abs().max().item() < 2e-5
+    (logits.double() ** 2).mean().backward()
+    grads = dict(model.named_parameters())
+    for name, expected in fixture["grads_fp64"].items():
+        error = max_relative_error(grads[name].grad.cpu().double(), expected)
+        assert error < 1e-4, f"{name}: {error:.2e}"
