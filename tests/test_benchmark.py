@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from tools import benchmark
@@ -27,6 +28,17 @@ def test_benchmark_writes_json_with_every_field(tmp_path):
         assert set(result) == set(benchmark.Result.__dataclass_fields__)
         assert result["images_per_s"] > 0 and result["baseline_images_per_s"] > 0 and result["speed_ratio"] > 0
         assert len(result["times_s"]) == len(result["baseline_times_s"]) == 1
+    infer, train = report["results"]
+    assert infer["mfu"] is None and train["mfu"] is None  # CPU fp32: no known peak
+
+
+def test_training_mfu_is_model_flops_over_the_peak():
+    settings = benchmark.BenchSettings(models=[FOCAL], baseline=[SWIN], img_size=[224], mode=["train"], peak_tflops=2.0)
+    flops = benchmark.forward_flops_per_image(FOCAL, 224, settings)
+    # The counted multiply-adds of Focal-T are the paper's 4.9G (the released analytic count 4.924G, within 1%).
+    assert abs(flops / 2 / 4_924_284_672 - 1) < 0.01
+    assert benchmark.training_mfu(FOCAL, 224, 100.0, settings) == 3 * flops * 100.0 / 2e12
+    assert benchmark.training_mfu(FOCAL, 224, 100.0, dataclasses.replace(settings, peak_tflops=None)) is None
 
 
 def test_peak_memory_is_measured_in_a_subprocess():

@@ -3,9 +3,10 @@
 Models of one comparison live in one process and their timed iterations are interleaved (model A, baseline,
 model A, baseline, ... with the order alternating every round), so a noisy machine slows all of them alike
 and the ratio stays meaningful; the reported time is the median of ``--iters`` iterations after
-``--warmup``. Peak memory is measured in a fresh subprocess per (model, mode): the most tensor bytes alive
-at once (``torch.cuda.max_memory_allocated`` on CUDA, the profiler's record of the CPU allocator on CPU),
-parameters, gradients, optimizer state and activations included.
+``--warmup``. Training rows also give the model FLOPs utilisation (MFU) where the device peak is known.
+Peak memory is measured in a fresh subprocess per (model, mode): the most tensor bytes alive at once
+(``torch.cuda.max_memory_allocated`` on CUDA, the profiler's record of the CPU allocator on CPU), parameters,
+gradients, optimizer state and activations included.
 
 Examples::
 
@@ -34,6 +35,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401  (registers the Focal variants in timm's registry)
@@ -42,6 +44,9 @@ logger = logging.getLogger("benchmark")
 
 MODES = ("infer", "train")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, SXM parts) by GPU name, the denominator of MFU; --peak-tflops
+# gives it for any other device or dtype.
+PEAK_TFLOPS_16BIT = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 # The released throughput table: Focal-T/S/B against Swin-T/S/B at three resolutions, inference on one GPU.
 PAPER_TABLE = dict(
@@ -73,6 +78,7 @@ class BenchSettings:
     iters: int = 7
     memory: bool = True
     num_classes: int = 1000
+    peak_tflops: float | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def batch_for(self, img_size: int) -> int:
@@ -98,6 +104,8 @@ class Result:
     memory_ratio: float | None
     times_s: list[float]
     baseline_times_s: list[float]
+    mfu: float | None = None
+    baseline_mfu: float | None = None
 
 
 # ---- building and stepping ----------------------------------------------------------------------------------
@@ -164,6 +172,36 @@ def time_interleaved(steps: dict[str, Callable[[], None]], settings: BenchSettin
             if i >= settings.warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+# ---- model FLOPs utilisation ----------------------------------------------------------------------------------
+
+
+def forward_flops_per_image(name: str, img_size: int, settings: BenchSettings) -> float:
+    """FLOPs (2 per multiply-add) of one image's forward, as counted by ``FlopCounterMode`` on a CPU copy."""
+    model = timm.create_model(name, img_size=img_size, num_classes=settings.num_classes, **settings.model_kwargs)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.randn(1, 3, img_size, img_size))
+    return float(counter.get_total_flops())
+
+
+def peak_flops(settings: BenchSettings) -> float | None:
+    """The device's peak FLOP/s for the benchmark dtype: --peak-tflops, else the table for 16-bit on known GPUs."""
+    if settings.peak_tflops:
+        return settings.peak_tflops * 1e12
+    if torch.device(settings.device).type != "cuda" or settings.dtype == "fp32":
+        return None
+    gpu = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS_16BIT.items() if key in gpu), None)
+
+
+def training_mfu(name: str, img_size: int, images_per_s: float, settings: BenchSettings) -> float | None:
+    """Model FLOPs utilisation of training: 3 forward passes' FLOPs per image (forward, and backward counted as
+    twice the forward) times images/s, over the peak; None where the peak is unknown."""
+    peak = peak_flops(settings)
+    if peak is None:
+        return None
+    return 3 * forward_flops_per_image(name, img_size, settings) * images_per_s / peak
 
 
 # ---- peak memory (fresh subprocess per model and mode) ------------------------------------------------------
@@ -258,6 +296,7 @@ def run_benchmark(settings: BenchSettings) -> list[Result]:
                 if settings.memory:
                     memory = {name: measure_peak_memory(name, mode, img_size, settings) for name in names}
                 base_ips = batch_size / statistics.median(times[baseline])
+                base_mfu = training_mfu(baseline, img_size, base_ips, settings) if mode == "train" else None
                 for name in group:
                     ips = batch_size / statistics.median(times[name])
                     peak, base_peak = memory.get(name), memory.get(baseline)
@@ -276,6 +315,8 @@ def run_benchmark(settings: BenchSettings) -> list[Result]:
                             memory_ratio=None if peak is None or not base_peak else peak / base_peak,
                             times_s=times[name],
                             baseline_times_s=times[baseline],
+                            mfu=training_mfu(name, img_size, ips, settings) if mode == "train" else None,
+                            baseline_mfu=base_mfu,
                         )
                     )
             del built
@@ -290,14 +331,15 @@ def markdown_table(results: list[Result]) -> str:
 
     lines = [
         "| model | baseline | res | batch | mode | img/s | baseline img/s | speed ratio | peak MB | baseline MB "
-        "| memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memory ratio | MFU | baseline MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.baseline} | {r.img_size} | {r.batch_size} | {r.mode} | {r.images_per_s:.2f} "
             f"| {r.baseline_images_per_s:.2f} | {r.speed_ratio:.3f} | {num(r.peak_memory_mb, '.0f')} "
-            f"| {num(r.baseline_peak_memory_mb, '.0f')} | {num(r.memory_ratio, '.3f')} |"
+            f"| {num(r.baseline_peak_memory_mb, '.0f')} | {num(r.memory_ratio, '.3f')} "
+            f"| {num(r.mfu, '.1%')} | {num(r.baseline_mfu, '.1%')} |"
         )
     return "\n".join(lines)
 
@@ -345,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory subprocesses")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs in bf16/fp16)"
+    )
+    parser.add_argument(
         "--model-kwargs",
         type=json.loads,
         default={},
@@ -382,6 +427,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         iters=args.iters,
         memory=args.memory,
         num_classes=args.num_classes,
+        peak_tflops=args.peak_tflops,
         model_kwargs=args.model_kwargs,
     )
 
