@@ -19,6 +19,8 @@ tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -58,6 +60,13 @@ def focal_attention(
     q: (B, G, Lq, hd); k, v: (B, G, Lk, hd); bias broadcastable to (B, G, Lq, Lk).
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+
+
+def pooled_keys_values(qkv: nn.Linear, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
+    """k/v of each pooled map (B, h, w, C) through the qkv Linear without its q rows: [(B, h*w, 2C), ...]."""
+    C = qkv.in_features
+    weight, bias = qkv.weight[C:], None if qkv.bias is None else qkv.bias[C:]
+    return [F.linear(p, weight, bias).flatten(1, 2) for p in pooled]
 
 
 # ---- layout helpers -----------------------------------------------------------------------------------------
@@ -215,8 +224,7 @@ def attend_per_image(
 
 
 def windowed_focal_attention(
-    qkv: torch.Tensor,
-    pooled_kv: torch.Tensor,
+    project: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     key_index: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
@@ -226,13 +234,15 @@ def windowed_focal_attention(
 ) -> torch.Tensor:
     """Attention of every window's queries to its keys, returned as a (B, Hp, Wp, C) map.
 
-    qkv: (B, Hp, Wp, 3C) q, k, v of the map (heads-major within each); pooled_kv: (B, L_pooled, 2C) k then v of
-    the pooled maps and the zero slot; key_index: (nW, N) into the key source [map tokens row-major, pooled
-    rows]; bias: (nW, nH, ws*ws, N), shared by the images. Three paths compute the same thing: on CUDA the fused
-    Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU without dropout
-    one image at a time (``attend_per_image``); otherwise (attention dropout, or float64) one
+    ``project()`` gives qkv: (B, Hp, Wp, 3C), q, k, v of the map (heads-major within each), and pooled_kv:
+    (B, L_pooled, 2C), k then v of the pooled maps (and v1's zero slot); it is called here so that the paths which
+    copy queries and keys out of qkv free it before attending. key_index: (nW, N) into the key source [map tokens
+    row-major, pooled rows]; bias: (nW, nH, ws*ws, N), shared by the images. Three paths compute the same thing:
+    on CUDA the fused Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU
+    without dropout one image at a time (``attend_per_image``); otherwise (attention dropout, or float64) one
     ``scaled_dot_product_attention`` call over gathered keys.
     """
+    qkv, pooled_kv = project()
     pooled_kv = pooled_kv.to(qkv.dtype)
     if qkv.device.type in FUSED_DEVICES and fused_focal_attention.supports(qkv, dropout_p):
         return fused_focal_attention.fused_focal_attention(
@@ -242,6 +252,7 @@ def windowed_focal_attention(
     q = map_to_window_heads(qkv[..., :C], window_size, num_heads)  # (B, nW, nH, ws*ws, hd)
     kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)  # (B, L, 2C)
     map_size = tuple(qkv.shape[1:3])
+    del qkv, pooled_kv  # copied out: free the projection before the attention's own buffers
     bias = bias.to(q.dtype)
     if q.device.type == "cpu" and dropout_p == 0.0:
         return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
@@ -368,13 +379,18 @@ class FocalWindowAttention(nn.Module):
 
         key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout`` (released key order).
         """
-        qkv, pooled_kv = self.qkv_and_pooled_key_source(x, pooled)
         columns = self.merged_columns
         key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
         bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
         dropout_p = self.attn_drop if self.training else 0.0
         out = windowed_focal_attention(
-            qkv, pooled_kv, key_index, bias, self.scale, dropout_p, self.window_size, self.num_heads
+            lambda: self.qkv_and_pooled_key_source(x, pooled),
+            key_index,
+            bias,
+            self.scale,
+            dropout_p,
+            self.window_size,
+            self.num_heads,
         )
         return self.proj_drop(self.proj(out))
 
@@ -382,10 +398,7 @@ class FocalWindowAttention(nn.Module):
         self, x: torch.Tensor, pooled: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The map's q, k, v (B, Hp, Wp, 3C) and the pooled part of the key source (B, L_pooled, 2C): k/v of each
-        pooled map (the qkv Linear without its q rows), then a zero slot."""
-        B, _, _, C = x.shape
+        pooled map, then a zero slot."""
         qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
-        kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        sources = [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]
-        sources.append(qkv.new_zeros(B, 1, 2 * C))
-        return qkv, torch.cat(sources, 1)
+        zero_slot = qkv.new_zeros(x.shape[0], 1, 2 * self.dim)
+        return qkv, torch.cat([*pooled_keys_values(self.qkv, pooled), zero_slot], 1)

@@ -11,7 +11,8 @@ map l. A per-level MLP (``coord2rpb_all.{l}``) turns every query-key displacemen
 no padding, no ring and no mask. See SEMANTICS_V2.md for the exact behaviour, including the level >= 2 quirk.
 
 Deviations from the released code (none change an output of a configuration the release can run):
-- the keys of all levels are gathered through one index and attended in one fused call;
+- the keys of all levels are read through one index by v1's attention (``windowed_focal_attention``: the
+  fused Triton kernels on CUDA, image by image on CPU);
 - configurations on which the release crashes raise a ValueError at construction: focal level 0, a focal level
   above 1 without a pooled map, a stage resolution above the window that is not a multiple of it (there is no
   padding), and v1's rules; ``focal_topK`` < 1 is refused too;
@@ -33,11 +34,9 @@ from itertools import accumulate
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .focal_attention import focal_attention, head_scale
-from .focal_geometry import window_partition, window_reverse
+from .focal_attention import head_scale, pooled_keys_values, windowed_focal_attention
 from .focal_transformer import FocalBlock, FocalTransformer
 
 
@@ -203,29 +202,29 @@ class TopKFocalAttention(nn.Module):
         B, H, W, C = x.shape
         if (H, W) != self.input_resolution:
             raise ValueError(f"focal-fast attention built for {self.input_resolution} got a {H}x{W} map")
-        ws, nH, hd = self.window_size, self.num_heads, C // self.num_heads
-        qkv = self.qkv(x)  # (B, H, W, 3C)
-        q = window_partition(qkv[..., :C], ws)  # (B, nW, ws*ws, C)
-        n_windows = q.shape[1]
-        q = q.view(B, n_windows, ws * ws, nH, hd).transpose(2, 3).reshape(B, n_windows * nH, ws * ws, hd)
-
-        # Keys: the full-resolution k/v, then the k/v of each pooled map (the qkv Linear, without its q part).
-        kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
-        sources = [qkv[..., C:].reshape(B, H * W, 2 * C)]
-        sources += [F.linear(p, kv_weight, kv_bias).reshape(B, -1, 2 * C) for p in pooled]
-        starts = list(accumulate((s.shape[1] for s in sources), initial=0))
-        index = torch.cat([self.key_index(level) + starts[level] for level in range(self.focal_level)], 1)
-        n_keys = index.shape[1]
-        kv = torch.cat(sources, 1)[:, index.view(-1)]  # (B, nW*N, 2C)
-        kv = kv.view(B, n_windows, n_keys, 2, nH, hd).permute(3, 0, 1, 4, 2, 5)  # (2, B, nW, nH, N, hd)
-        k, v = kv.reshape(2, B, n_windows * nH, n_keys, hd).unbind(0)
-
-        bias = self.position_bias().reshape(1, n_windows * nH, ws * ws, n_keys)
+        # Keys: the full-resolution k/v (in qkv), then the k/v of each pooled map; the offset of each level's keys.
+        starts = [0, *accumulate((p.shape[1] * p.shape[2] for p in pooled), initial=H * W)]
+        index = torch.cat([self.key_index(level) + starts[level] for level in range(self.focal_level)], 1)  # (nW, N)
         dropout_p = self.attn_drop if self.training else 0.0
-        out = focal_attention(q, k, v, bias, self.scale, dropout_p)  # (B, nW*nH, ws*ws, hd)
-        out = out.view(B, n_windows, nH, ws * ws, hd).transpose(2, 3).reshape(B, n_windows, ws * ws, C)
-        out = self.proj_drop(self.proj(out))
-        return window_reverse(out, ws, H, W)
+        out = windowed_focal_attention(
+            lambda: self.qkv_and_pooled_key_source(x, pooled),
+            index,
+            self.position_bias(),
+            self.scale,
+            dropout_p,
+            self.window_size,
+            self.num_heads,
+        )
+        return self.proj_drop(self.proj(out))
+
+    def qkv_and_pooled_key_source(
+        self, x: torch.Tensor, pooled: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map's q, k, v (B, H, W, 3C) and the k/v of the pooled maps (B, L_pooled, 2C), level by level (the
+        qkv Linear without its q rows)."""
+        qkv = self.qkv(x)  # (B, H, W, 3C)
+        pooled_kv = pooled_keys_values(self.qkv, pooled)
+        return qkv, torch.cat(pooled_kv, 1) if pooled_kv else qkv.new_zeros(x.shape[0], 0, 2 * self.dim)
 
     def flops_per_window(self) -> int:
         """The released analytic count of one window: qkv, q k^T, the bias MLPs, attn v, proj.

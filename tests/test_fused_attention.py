@@ -10,7 +10,7 @@ import pytest
 import torch
 from golden import fixture_paths, load_fixture, max_relative_error
 
-from models import FocalTransformer, load_official_weights
+from models import FocalTransformer, FocalTransformerV2, load_official_weights
 from models import focal_attention as focal_attention_module
 from models import fused_focal_attention as fused
 from models.focal_attention import (
@@ -116,24 +116,32 @@ def test_supports_only_what_the_kernels_take():
     assert not fused.supports(qkv.double(), dropout_p=0.0)  # float64: batched path
 
 
-@pytest.mark.parametrize("path", fixture_paths("golden"), ids=lambda path: path.stem)
-def test_golden_fixture_through_the_fused_kernels(path, monkeypatch):
-    """A whole released-layout model with its attention in the fused kernels: fp32 logits as close to the released
-    ones as the other paths get, and fp32 gradients close to the released fp64 ones."""
+GOLDEN = [(FocalTransformer, path) for path in fixture_paths("golden")]
+GOLDEN += [(FocalTransformerV2, path) for path in fixture_paths("golden_v2")]
+
+
+@pytest.mark.parametrize("golden", GOLDEN, ids=lambda golden: f"{golden[1].parent.name}/{golden[1].stem}")
+def test_golden_fixture_through_the_fused_kernels(golden, monkeypatch):
+    """A whole released-layout model (v1 or v2) with its attention in the fused kernels: fp32 logits as close to the
+    released ones as the other paths get, and fp32 gradients close to the released fp64 ones."""
+    model_class, path = golden
     monkeypatch.setattr(focal_attention_module, "FUSED_DEVICES", {"cpu", "cuda"})
     calls = []
     attend = fused.fused_focal_attention
     monkeypatch.setattr(fused, "fused_focal_attention", lambda *args: calls.append(1) or attend(*args))
     fixture = load_fixture(path)
-    model = FocalTransformer(**fixture["kwargs"])
+    model = model_class(**fixture["kwargs"])
     load_official_weights(model, fixture["state_dict"])
     model = model.to(DEVICE).train()
-    images = fixture["input"].to(DEVICE)
-    logits = model(images)
+    logits = model(fixture["input"].to(DEVICE))
     assert len(calls) == sum(fixture["kwargs"]["depths"])  # every block attended in the kernels
     assert (logits.detach().cpu() - fixture["logits_fp32"]).abs().max().item() < 2e-5
     (logits.double() ** 2).mean().backward()
     grads = dict(model.named_parameters())
+    largest = max(g.abs().max().item() for g in fixture["grads_fp64"].values())
     for name, expected in fixture["grads_fp64"].items():
-        error = max_relative_error(grads[name].grad.cpu().double(), expected)
-        assert error < 1e-4, f"{name}: {error:.2e}"
+        actual = grads[name].grad.cpu().double()
+        if expected.abs().max() < 1e-9 * largest:  # a zero gradient (v2's bias MLP output bias): rounding noise only
+            assert actual.abs().max() < 1e-5 * largest, name
+        else:
+            assert max_relative_error(actual, expected) < 1e-4, name
