@@ -2,11 +2,12 @@
 
 The released code builds the keys of a window from 4 rolled copies of k/v, a boolean index and an
 ``nn.Unfold`` per pooled level, then adds three kinds of position bias piece by piece. Here the same keys
-are gathered through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
-concatenated tables through one precomputed index, and batched matrix products do the rest (one fused
-``scaled_dot_product_attention`` call on GPU or with dropout). Key order,
-wrap-around and masks are those of the release, so released weights give the same outputs (see
-tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
+are read through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
+concatenated tables through one precomputed index, and ``windowed_focal_attention`` does the rest: on CUDA two
+Triton kernels that read the keys through the index (``fused_focal_attention.py``), on CPU batched matrix
+products image by image, with attention dropout or in float64 one ``scaled_dot_product_attention`` call over
+gathered keys. Key order, wrap-around and masks are those of the release, so released weights give the same
+outputs (see tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
 
 - ring keys the release repeats (same token, own bias column) are merged into one key whose bias is the
   log-sum-exp of theirs (``focal_geometry.merged_key_columns``);

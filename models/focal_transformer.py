@@ -5,8 +5,8 @@ Paper: "Focal Self-attention for Local-Global Interactions in Vision Transformer
 (classification/focal_transformer.py @57bb303). Parameter names and shapes match the released checkpoints.
 
 Deviations from the released code (none change an output of a configuration the release can run):
-- the attention gathers its keys through precomputed indices and attends them with batched matrix
-  products per image on CPU, one fused attention call on GPU (see focal_attention.py), instead of rolls,
+- the attention reads its keys through precomputed indices and attends them with batched matrix
+  products per image on CPU, two fused Triton kernels on GPU (see focal_attention.py), instead of rolls,
   unfold and piecewise bias additions;
 - tokens travel between blocks as (B, H, W, C) maps instead of (B, H*W, C) sequences;
 - configurations on which the release crashes (even focal window, expand size > window, shift with a
