@@ -14,8 +14,9 @@ straight into the (B, Hp, Wp, C) map, so nothing is gathered, scattered, concate
   in registers (chunks are summed after).
 
 The math is that of ``focal_attention.windowed_focal_attention``: softmax(q k^T * scale + bias) v with the same
-keys and biases; fp32 inputs use IEEE fp32 products (no TF32). Used on CUDA for fp32/bf16/fp16 without attention
-dropout (``supports``); tests run the same kernels on CPU tensors through Triton's interpreter.
+keys and biases; fp32 inputs use IEEE fp32 products (no TF32); any head dimension (padded to a power of two).
+Used on CUDA for fp32/bf16/fp16 without attention dropout (``supports``); tests run the same kernels on CPU tensors
+through Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ TARGET_PROGRAMS = 2048  # backward: enough programs to fill a large GPU, images 
 
 
 def supports(qkv: torch.Tensor, dropout_p: float) -> bool:
-    """Whether the fused kernels run this attention: Triton present, a supported dtype, no attention dropout."""
-    return triton is not None and dropout_p == 0.0 and qkv.dtype in FUSED_DTYPES
+    """Whether the fused kernels run this attention: Triton present, a supported dtype, no attention dropout, and
+    deterministic algorithms not asked for (the backward's atomic additions run in no fixed order)."""
+    return (
+        triton is not None
+        and dropout_p == 0.0
+        and qkv.dtype in FUSED_DTYPES
+        and not torch.are_deterministic_algorithms_enabled()
+    )
 
 
 if triton is not None:

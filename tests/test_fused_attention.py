@@ -116,6 +116,11 @@ def test_supports_only_what_the_kernels_take():
     assert not fused.supports(qkv.double(), dropout_p=0.0)  # float64: batched path
 
 
+def test_deterministic_algorithms_take_the_batched_path(monkeypatch):
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not fused.supports(torch.zeros(1, 4, 4, 3 * 64), dropout_p=0.0)
+
+
 GOLDEN = [(FocalTransformer, path) for path in fixture_paths("golden")]
 GOLDEN += [(FocalTransformerV2, path) for path in fixture_paths("golden_v2")]
 
