@@ -57,8 +57,9 @@ def inputs(window_size: int, windows_per_side: int, num_keys: int, head_dim: int
 
 
 # (window size, windows per side, keys per window, head dim): queries not a power of two, keys spanning several
-# blocks and ending mid-block, head dims below 16 and not a power of two (padded in the kernels).
-SHAPES = [(3, 2, 70, 16), (4, 2, 64, 8), (2, 3, 131, 24)]
+# blocks and ending mid-block, head dims below 16 and not a power of two (padded in the kernels), a window of
+# more than 64 queries (8 warps on a GPU).
+SHAPES = [(3, 2, 70, 16), (4, 2, 64, 8), (2, 3, 131, 24), (9, 1, 100, 16)]
 SHAPE_IDS = [f"ws{s[0]}-nw{s[1] ** 2}-keys{s[2]}-hd{s[3]}" for s in SHAPES]
 
 
