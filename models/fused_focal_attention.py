@@ -22,6 +22,7 @@ through Triton's interpreter.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -206,6 +207,28 @@ def _geometry(qkv: torch.Tensor, pooled_kv: torch.Tensor, key_index: torch.Tenso
     )
 
 
+def _check_shapes(
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
+    key_index: torch.Tensor,
+    bias: torch.Tensor,
+    window_size: int,
+    heads: int,
+) -> None:
+    """Refuse inputs the kernels would read out of bounds or leave partly unwritten, naming the mismatch."""
+    B, Hp, Wp, C3 = qkv.shape
+    if Hp % window_size or Wp % window_size:
+        raise ValueError(f"fused focal attention needs a map that windows of {window_size} tile, got {Hp}x{Wp}")
+    if C3 % (3 * heads) or pooled_kv.shape[0] != B or pooled_kv.shape[2] != 2 * C3 // 3:
+        raise ValueError(f"qkv {tuple(qkv.shape)} / pooled k/v {tuple(pooled_kv.shape)} do not fit {heads} heads")
+    windows = (Hp // window_size) * (Wp // window_size)
+    if key_index.shape[0] != windows or bias.shape != (windows, heads, window_size**2, key_index.shape[1]):
+        raise ValueError(
+            f"key index {tuple(key_index.shape)} / bias {tuple(bias.shape)} do not fit {windows} windows of "
+            f"{window_size}x{window_size} and {heads} heads"
+        )
+
+
 class FusedFocalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
 
@@ -216,6 +239,7 @@ class FusedFocalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
+        _check_shapes(qkv, pooled_kv, key_index, bias, window_size, num_heads)
         qkv, pooled_kv = qkv.contiguous(), pooled_kv.contiguous()
         key_index, bias = key_index.contiguous(), bias.contiguous()
         B, Hp, Wp, C3 = qkv.shape
@@ -232,6 +256,7 @@ class FusedFocalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         qkv, pooled_kv, key_index, bias, out, lse = ctx.saved_tensors
         ws, nH = ctx.window_size, ctx.num_heads
@@ -240,9 +265,9 @@ class FusedFocalAttention(torch.autograd.Function):
         grad_qkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
         grad_pooled = torch.zeros(pooled_kv.shape, device=qkv.device, dtype=torch.float32)
         windows, key_blocks = (Hp // ws) * (Wp // ws), triton.cdiv(geometry["num_keys"], BLOCK_K)
-        chunks = min(B, triton.cdiv(TARGET_PROGRAMS, windows * nH * key_blocks))
-        images_per_program = triton.cdiv(B, chunks)
-        chunks = triton.cdiv(B, images_per_program)
+        chunks = max(1, min(B, triton.cdiv(TARGET_PROGRAMS, windows * nH * key_blocks)))
+        images_per_program = max(1, triton.cdiv(B, chunks))
+        chunks = max(1, triton.cdiv(B, images_per_program))  # one (empty) chunk for an empty batch
         grad_bias = torch.empty(chunks, *bias.shape, device=qkv.device, dtype=torch.float32)
         _backward_kernel[(windows * nH, key_blocks, chunks)](
             qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,

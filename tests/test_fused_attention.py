@@ -101,10 +101,12 @@ HALF_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.fl
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_half_precision_forward_is_close(dtype):
+@pytest.mark.parametrize("bias_dtype", ["float32", "same"])  # focal-fast's MLP bias is half precision under autocast
+def test_half_precision_forward_is_close(dtype, bias_dtype):
     qkv, pooled_kv, key_index, bias = inputs(4, 2, 70, 32, seed=2)
     expected = reference(qkv, pooled_kv, key_index, bias, 0.3, 4)
-    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias.float(), 0.3, 4, HEADS)
+    bias = bias.float() if bias_dtype == "float32" else bias.to(dtype)
+    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias, 0.3, 4, HEADS)
     assert out.dtype == dtype
     relative = ((out.double() - expected).norm() / expected.norm()).item()
     assert relative < 1e-2
@@ -115,6 +117,23 @@ def test_supports_only_what_the_kernels_take():
     assert fused.supports(qkv, dropout_p=0.0) and fused.supports(qkv.bfloat16(), dropout_p=0.0)
     assert not fused.supports(qkv, dropout_p=0.1)  # attention dropout: batched path
     assert not fused.supports(qkv.double(), dropout_p=0.0)  # float64: batched path
+
+
+def test_shapes_the_kernels_cannot_take_are_refused():
+    qkv, pooled_kv, key_index, bias = inputs(3, 2, 70, 16)
+    with pytest.raises(ValueError, match="windows of 4 tile"):
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), 0.3, 4, HEADS)
+    with pytest.raises(ValueError, match="do not fit 4 windows"):
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), 0.3, 3, HEADS)
+
+
+def test_gradients_of_gradients_are_refused():
+    qkv, pooled_kv, key_index, bias = (t.float() if t.is_floating_point() else t for t in inputs(3, 2, 70, 16))
+    qkv.requires_grad_(True)
+    out = fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, 0.3, 3, HEADS)
+    (grad,) = torch.autograd.grad(out.sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
 
 
 def test_deterministic_algorithms_take_the_batched_path(monkeypatch):
