@@ -63,13 +63,6 @@ def focal_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
 
 
-def pooled_keys_values(qkv: nn.Linear, pooled: list[torch.Tensor]) -> list[torch.Tensor]:
-    """k/v of each pooled map (B, h, w, C) through the qkv Linear without its q rows: [(B, h*w, 2C), ...]."""
-    C = qkv.in_features
-    weight, bias = qkv.weight[C:], None if qkv.bias is None else qkv.bias[C:]
-    return [F.linear(p, weight, bias).flatten(1, 2) for p in pooled]
-
-
 # ---- layout helpers -----------------------------------------------------------------------------------------
 
 
@@ -265,11 +258,46 @@ def windowed_focal_attention(
     return window_heads_to_map(out.unflatten(1, (n_windows, nH)), map_size)
 
 
-class FocalWindowAttention(nn.Module):
+class KeyIndexedAttention(nn.Module):
+    """What v1's ``FocalWindowAttention`` and v2's ``TopKFocalAttention`` share: the qkv projection of the map and
+    of the pooled maps, the attention of every window to the keys its index names (``windowed_focal_attention``)
+    and the output projection.
+
+    Subclasses own the parameters (``qkv``, ``proj``, ``proj_drop``) and attributes (``dim``, ``scale``,
+    ``attn_drop``, ``window_size``, ``num_heads``) under their released names; ``zero_slots`` zero keys end the
+    key source (v1 points its padded keys there).
+    """
+
+    zero_slots = 0
+
+    def attend_and_project(
+        self, x: torch.Tensor, pooled: list[torch.Tensor], key_index: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """x: map (B, Hp, Wp, C); pooled: maps (B, h_l, w_l, C); key_index (nW, N) into [map tokens, pooled tokens,
+        zero slots]; bias (nW, nH, ws*ws, N). Returns (B, Hp, Wp, C)."""
+
+        def project() -> tuple[torch.Tensor, torch.Tensor]:
+            qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
+            C = self.dim
+            kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+            pooled_kv = [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]  # (B, h_l*w_l, 2C) each
+            zeros = qkv.new_zeros(x.shape[0], self.zero_slots, 2 * C)
+            return qkv, torch.cat([*pooled_kv, zeros], 1)
+
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = windowed_focal_attention(
+            project, key_index, bias, self.scale, dropout_p, self.window_size, self.num_heads
+        )
+        return self.proj_drop(self.proj(out))
+
+
+class FocalWindowAttention(KeyIndexedAttention):
     """Attention of each window's tokens to the window, its ring of fine neighbours and pooled regions.
 
     Parameter names and shapes are those of the released ``WindowAttention``.
     """
+
+    zero_slots = 1  # the key of padded positions
 
     def __init__(
         self,
@@ -383,23 +411,4 @@ class FocalWindowAttention(nn.Module):
         columns = self.merged_columns
         key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
         bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
-        dropout_p = self.attn_drop if self.training else 0.0
-        out = windowed_focal_attention(
-            lambda: self.qkv_and_pooled_key_source(x, pooled),
-            key_index,
-            bias,
-            self.scale,
-            dropout_p,
-            self.window_size,
-            self.num_heads,
-        )
-        return self.proj_drop(self.proj(out))
-
-    def qkv_and_pooled_key_source(
-        self, x: torch.Tensor, pooled: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The map's q, k, v (B, Hp, Wp, 3C) and the pooled part of the key source (B, L_pooled, 2C): k/v of each
-        pooled map, then a zero slot."""
-        qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
-        zero_slot = qkv.new_zeros(x.shape[0], 1, 2 * self.dim)
-        return qkv, torch.cat([*pooled_keys_values(self.qkv, pooled), zero_slot], 1)
+        return self.attend_and_project(x, pooled, key_index, bias)

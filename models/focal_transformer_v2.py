@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .focal_attention import head_scale, pooled_keys_values, windowed_focal_attention
+from .focal_attention import KeyIndexedAttention, head_scale
 from .focal_transformer import FocalBlock, FocalTransformer
 
 
@@ -102,7 +102,7 @@ def coord_bias_mlp(head_dim: int, num_heads: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2, head_dim), nn.ReLU(), nn.Linear(head_dim, num_heads))
 
 
-class TopKFocalAttention(nn.Module):
+class TopKFocalAttention(KeyIndexedAttention):
     """Attention of each window's tokens to the K nearest keys of every focal level, with an MLP position bias.
 
     Parameter and buffer names and shapes are those of the released v2 ``WindowAttention``.
@@ -202,29 +202,10 @@ class TopKFocalAttention(nn.Module):
         B, H, W, C = x.shape
         if (H, W) != self.input_resolution:
             raise ValueError(f"focal-fast attention built for {self.input_resolution} got a {H}x{W} map")
-        # Keys: the full-resolution k/v (in qkv), then the k/v of each pooled map; the offset of each level's keys.
+        # Keys: the full-resolution map's, then each pooled map's; where each level's keys start.
         starts = [0, *accumulate((p.shape[1] * p.shape[2] for p in pooled), initial=H * W)]
         index = torch.cat([self.key_index(level) + starts[level] for level in range(self.focal_level)], 1)  # (nW, N)
-        dropout_p = self.attn_drop if self.training else 0.0
-        out = windowed_focal_attention(
-            lambda: self.qkv_and_pooled_key_source(x, pooled),
-            index,
-            self.position_bias(),
-            self.scale,
-            dropout_p,
-            self.window_size,
-            self.num_heads,
-        )
-        return self.proj_drop(self.proj(out))
-
-    def qkv_and_pooled_key_source(
-        self, x: torch.Tensor, pooled: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The map's q, k, v (B, H, W, 3C) and the k/v of the pooled maps (B, L_pooled, 2C), level by level (the
-        qkv Linear without its q rows)."""
-        qkv = self.qkv(x)  # (B, H, W, 3C)
-        pooled_kv = pooled_keys_values(self.qkv, pooled)
-        return qkv, torch.cat(pooled_kv, 1) if pooled_kv else qkv.new_zeros(x.shape[0], 0, 2 * self.dim)
+        return self.attend_and_project(x, pooled, index, self.position_bias())
 
     def flops_per_window(self) -> int:
         """The released analytic count of one window: qkv, q k^T, the bias MLPs, attn v, proj.

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from models import FocalTransformer, FocalTransformerV2, load_official_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -29,6 +32,25 @@ RELEASED_V2 = {
 
 def fixture_paths(folder: str) -> list[Path]:
     return sorted((FIXTURES / folder).glob("*.pt"))
+
+
+# Fixture folder -> the model class that must reproduce its fixtures (v1: Focal, v2: Focal-fast).
+MODEL_CLASS_OF = {"golden": FocalTransformer, "golden_v2": FocalTransformerV2}
+# (model class, fixture path) of every golden fixture.
+GOLDEN = [(model_class, path) for folder, model_class in MODEL_CLASS_OF.items() for path in fixture_paths(folder)]
+
+
+def golden_id(golden: tuple[type[nn.Module], Path]) -> str:
+    return f"{golden[1].parent.name}/{golden[1].stem}"
+
+
+def loaded_model(
+    model_class: type[nn.Module], fixture: dict, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    """``model_class`` built with the fixture's kwargs, holding its released weights, in ``dtype`` on ``device``."""
+    model = model_class(**fixture["kwargs"])
+    load_official_weights(model, fixture["state_dict"])
+    return model.to(device, dtype)
 
 
 def load_fixture(path: Path) -> dict:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import fixture_paths, load_fixture, max_relative_error
+from golden import GOLDEN, golden_id, load_fixture, loaded_model, max_relative_error
 
-from models import FocalTransformer, FocalTransformerV2, load_official_weights
 from models import focal_attention as focal_attention_module
 from models import fused_focal_attention as fused
 from models.focal_attention import (
@@ -141,11 +140,7 @@ def test_deterministic_algorithms_take_the_batched_path(monkeypatch):
     assert not fused.supports(torch.zeros(1, 4, 4, 3 * 64), dropout_p=0.0)
 
 
-GOLDEN = [(FocalTransformer, path) for path in fixture_paths("golden")]
-GOLDEN += [(FocalTransformerV2, path) for path in fixture_paths("golden_v2")]
-
-
-@pytest.mark.parametrize("golden", GOLDEN, ids=lambda golden: f"{golden[1].parent.name}/{golden[1].stem}")
+@pytest.mark.parametrize("golden", GOLDEN, ids=golden_id)
 def test_golden_fixture_through_the_fused_kernels(golden, monkeypatch):
     """A whole released-layout model (v1 or v2) with its attention in the fused kernels: fp32 logits as close to the
     released ones as the other paths get, and fp32 gradients close to the released fp64 ones."""
@@ -155,9 +150,7 @@ def test_golden_fixture_through_the_fused_kernels(golden, monkeypatch):
     attend = fused.fused_focal_attention
     monkeypatch.setattr(fused, "fused_focal_attention", lambda *args: calls.append(1) or attend(*args))
     fixture = load_fixture(path)
-    model = model_class(**fixture["kwargs"])
-    load_official_weights(model, fixture["state_dict"])
-    model = model.to(DEVICE).train()
+    model = loaded_model(model_class, fixture, torch.float32, DEVICE).train()
     logits = model(fixture["input"].to(DEVICE))
     assert len(calls) == sum(fixture["kwargs"]["depths"])  # every block attended in the kernels
     assert (logits.detach().cpu() - fixture["logits_fp32"]).abs().max().item() < 2e-5

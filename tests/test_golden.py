@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import fixture_paths, load_fixture, max_relative_error
+from golden import GOLDEN, golden_id, load_fixture, loaded_model, max_relative_error
 from torch import nn
 
-from models import FocalTransformer, FocalTransformerV2, load_official_weights
+from models import FocalTransformer, FocalTransformerV2
 
-# Fixture folder -> the model class that must reproduce its fixtures (v1: Focal, v2: Focal-fast).
-MODEL_CLASS_OF = {"golden": FocalTransformer, "golden_v2": FocalTransformerV2}
-GOLDEN = [(model_class, path) for folder, model_class in MODEL_CLASS_OF.items() for path in fixture_paths(folder)]
 # CPU always; CUDA too where there is a GPU (its batched attention path, with TF32 off so fp32 stays fp32).
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -21,18 +18,12 @@ DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 ZERO_GRADIENT_NOISE = {FocalTransformer: 0.0, FocalTransformerV2: 1e-12}
 
 
-def _loaded_model(model_class: type[nn.Module], fixture: dict, dtype: torch.dtype) -> nn.Module:
-    model = model_class(**fixture["kwargs"])
-    load_official_weights(model, fixture["state_dict"])
-    return model.to(fixture["input"].device, dtype)
-
-
 @pytest.fixture(scope="module", params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture(scope="module", params=GOLDEN, ids=lambda golden: f"{golden[1].parent.name}/{golden[1].stem}")
+@pytest.fixture(scope="module", params=GOLDEN, ids=golden_id)
 def golden(request, device) -> tuple[type[nn.Module], dict]:
     """(model class, fixture) for one golden fixture, its tensors on ``device``."""
     model_class, path = request.param
@@ -44,7 +35,7 @@ def golden(request, device) -> tuple[type[nn.Module], dict]:
 
 def test_fp64_logits_match_released(golden):
     model_class, fixture = golden
-    model = _loaded_model(model_class, fixture, torch.float64).eval()
+    model = loaded_model(model_class, fixture, torch.float64, fixture["input"].device).eval()
     with torch.no_grad():
         logits = model(fixture["input"].double())
     assert (logits - fixture["logits_fp64"]).abs().max().item() < 1e-8
@@ -52,7 +43,7 @@ def test_fp64_logits_match_released(golden):
 
 def test_fp32_logits_match_released(golden):
     model_class, fixture = golden
-    model = _loaded_model(model_class, fixture, torch.float32).eval()
+    model = loaded_model(model_class, fixture, torch.float32, fixture["input"].device).eval()
     with torch.no_grad():
         logits = model(fixture["input"])
     assert (logits - fixture["logits_fp32"]).abs().max().item() < 2e-5
@@ -60,7 +51,7 @@ def test_fp32_logits_match_released(golden):
 
 def test_fp64_gradients_match_released(golden):
     model_class, fixture = golden
-    model = _loaded_model(model_class, fixture, torch.float64).train()
+    model = loaded_model(model_class, fixture, torch.float64, fixture["input"].device).train()
     loss = (model(fixture["input"].double()) ** 2).mean()
     loss.backward()
     grads = dict(model.named_parameters())
