@@ -5,21 +5,24 @@ The released code builds the keys of a window from 4 rolled copies of k/v, a boo
 are read through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
 concatenated tables through one precomputed index, and ``windowed_focal_attention`` does the rest: on CUDA two
 Triton kernels that read the keys through the index (``fused_focal_attention.py``), on CPU batched matrix
-products image by image, with attention dropout or in float64 one ``scaled_dot_product_attention`` call over
-gathered keys. Key order, wrap-around and masks are those of the release, so released weights give the same
-outputs (see tests/test_golden.py). Two rewrites leave the softmax unchanged up to rounding:
+products image by image and a few windows at a time, with attention dropout (or float64 on CUDA) one
+``scaled_dot_product_attention`` call over gathered keys. Key order, wrap-around and masks are those of the
+release, so released weights give the same outputs (see tests/test_golden.py). Two rewrites leave the softmax
+unchanged up to rounding:
 
 - ring keys the release repeats (same token, own bias column) are merged into one key whose bias is the
   log-sum-exp of theirs (``focal_geometry.merged_key_columns``);
-- on CPU the attention runs one image at a time, so the gathered keys (3-5x the size of the map) stay
-  in cache and small enough to be reused from the allocator instead of faulting in fresh pages; the
-  scores start from the bias inside ``baddbmm`` and the softmax runs in place (faster there than the
-  fused flash kernel at 49 queries per window), and training goes through ``PerImageFocalAttention``,
-  which saves the ungathered key source instead of the gathered keys and recomputes the probabilities.
+- on CPU (``ImageAttention``) each image's queries and key source are built once and its windows attended
+  in chunks of about ``CHUNK_BYTES``, in buffers reused throughout, so the gathered keys (3-5x the size of
+  the map) and the scores stay in cache between products and nothing is allocated per image; the scores
+  start from the bias inside ``baddbmm`` and the softmax runs in place (faster there than the fused flash
+  kernel at 49 queries per window), and training goes through ``PerImageFocalAttention``, which saves qkv
+  and the pooled k/v instead of the gathered keys and recomputes the probabilities.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -106,115 +109,211 @@ def gather_keys_values(kv_source: torch.Tensor, rows: torch.Tensor) -> torch.Ten
     return kv.view(B, *rows.shape, hd)
 
 
-def image_keys_values(kv_source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """One image's gathered keys and values: kv_source (L, 2C), ``key_value_rows`` -> (2, nW*nH, N, hd)."""
-    return gather_keys_values(kv_source[None], rows)[0].flatten(1, 2)
+def leading(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous ``shape`` view of the start of a contiguous buffer (a chunk's share of a buffer sized for the
+    largest chunk)."""
+    return buffer.view(-1)[: math.prod(shape)].view(shape)
 
 
-def image_probabilities(scaled_q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) of one image: scaled_q (G, n, hd), k (G, N, hd), bias (G, n, N) -> (G, n, N).
+def chunk_keys_values(kv_source: torch.Tensor, flat_rows: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """Gathered keys and values of some windows of one image: kv_source (L, 2C), flat_rows (2 * G * N) from
+    ``key_value_rows`` -> (2, G, N, hd), in ``buffer`` (2, G_max, N, hd)."""
+    _, _, n_keys, hd = buffer.shape
+    kv = leading(buffer, flat_rows.numel(), hd)
+    torch.index_select(kv_source.view(-1, hd), 0, flat_rows, out=kv)
+    return kv.view(2, -1, n_keys, hd)
+
+
+def image_windows(
+    x: torch.Tensor, window_size: int, num_heads: int, out: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """One image's (Hp, Wp, C) map (any strides) times ``scale`` -> its windows (nW*nH, ws*ws, hd) in ``out``, in
+    one pass."""
+    Hp, Wp, C = x.shape
+    ws, hd = window_size, C // num_heads
+    x = x.view(Hp // ws, ws, Wp // ws, ws, num_heads, hd).permute(0, 2, 4, 1, 3, 5)  # (nWh, nWw, nH, ws, ws, hd)
+    torch.mul(x, scale, out=out.view(x.shape))
+    return out
+
+
+def image_from_windows(windows: torch.Tensor, out: torch.Tensor) -> None:
+    """``image_windows`` undone: windows (nW*nH, ws*ws, hd) written into one image's (Hp, Wp, C) map ``out`` (any
+    strides)."""
+    Hp, Wp, C = out.shape
+    _, n, hd = windows.shape
+    ws = round(n**0.5)
+    target = out.view(Hp // ws, ws, Wp // ws, ws, C // hd, hd).permute(0, 2, 4, 1, 3, 5)  # (nWh, nWw, nH, ws, ws, hd)
+    target.copy_(windows.view(target.shape))
+
+
+def image_key_source(qkv: torch.Tensor, pooled_kv: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One image's keys and values in key-index order, [map tokens row-major, pooled rows]: qkv (Hp, Wp, 3C),
+    pooled_kv (L_pooled, 2C) -> ``out`` (L, 2C)."""
+    Hp, Wp, C3 = qkv.shape
+    out[: Hp * Wp].view(Hp, Wp, -1).copy_(qkv[..., C3 // 3 :])
+    out[Hp * Wp :].copy_(pooled_kv)
+    return out
+
+
+def image_probabilities(scaled_q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) of one image: scaled_q (G, n, hd), k (G, N, hd), bias (G, n, N) -> ``out``
+    (G, n, N).
 
     The bias enters the product as its initial value and the softmax runs in place: one buffer, no extra pass
     (measured faster on CPU than the fused flash kernel at these window sizes).
     """
-    scores = torch.baddbmm(bias, scaled_q, k.transpose(1, 2))
-    return torch.softmax(scores, -1, out=scores)
+    torch.baddbmm(bias, scaled_q, k.transpose(1, 2), out=out)
+    return torch.softmax(out, -1, out=out)
 
 
-def attend_image(
-    scaled_q: torch.Tensor, kv_source: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, out: torch.Tensor
-) -> None:
-    """Attention of one image, written into its (Hp, Wp, C) map ``out``.
+# Bytes of per-window work (scores, their gradient, gathered keys and values, their gradient) the CPU attention
+# handles at once: small enough to stay in cache from one product to the next.
+CHUNK_BYTES = 8 * 2**20
 
-    scaled_q: (nW, nH, n, hd); kv_source: (L, 2C); rows (2, nW, nH, N) from ``key_value_rows``; bias (nW, nH, n, N).
+
+def window_bytes(num_heads: int, num_queries: int, num_keys: int, head_dim: int, element_size: int) -> int:
+    """Per-key work of one window counted against ``CHUNK_BYTES``: scores and their gradient, gathered keys and values
+    and their gradient."""
+    return num_heads * (2 * num_queries * num_keys + 4 * num_keys * head_dim) * element_size
+
+
+class ImageAttention:
+    """The CPU attention of one image after another, a few windows at a time, in buffers reused throughout.
+
+    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias (G, n, N)
+    with G = nW * nH. Each image's scaled queries (window layout) and key source are built once; its windows are
+    then attended in chunks of about ``CHUNK_BYTES`` of per-key work, so the gathered keys and the scores stay in
+    cache (measured faster than whole images or whole batches) and nothing is allocated per image or chunk.
     """
-    n_windows, nH, n, hd = scaled_q.shape
-    k, v = image_keys_values(kv_source, rows)  # (nW*nH, N, hd) each
-    p = image_probabilities(scaled_q.reshape(-1, n, hd), k, bias.flatten(0, 1))
-    attended = torch.bmm(p, v).view(1, n_windows, nH, n, hd)
-    window_heads_to_map(attended, out.shape[:2], out[None])
 
+    def __init__(
+        self, qkv: torch.Tensor, pooled_kv: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, scale: float
+    ) -> None:
+        _, Hp, Wp, C3 = qkv.shape
+        _, n_windows, nH, n_keys = rows.shape
+        self.qkv, self.pooled_kv, self.bias, self.scale = qkv, pooled_kv, bias, scale
+        self.num_heads, self.head_dim = nH, C3 // (3 * nH)
+        n = (Hp * Wp) // n_windows
+        self.window_size = round(n**0.5)
+        per_window = window_bytes(nH, n, n_keys, self.head_dim, qkv.element_size())
+        n_chunks = math.ceil(n_windows / max(1, CHUNK_BYTES // per_window))
+        step = math.ceil(n_windows / n_chunks)  # windows per chunk, balanced
+        self.chunks = [(w * nH, min(w + step, n_windows) * nH) for w in range(0, n_windows, step)]  # G ranges
+        self.chunk_rows = [rows[:, g0 // nH : g1 // nH].reshape(-1) for g0, g1 in self.chunks]
+        new = qkv.new_empty
+        self.scaled_q = new(n_windows * nH, n, self.head_dim)
+        self.key_source = new(Hp * Wp + pooled_kv.shape[1], 2 * nH * self.head_dim)
+        self.keys_values = new(2, step * nH, n_keys, self.head_dim)
+        self.probabilities = new(step * nH, n, n_keys)
 
-def attend_images(
-    scaled_q: torch.Tensor, kv_source: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, map_size: tuple[int, int]
-) -> torch.Tensor:
-    """``attend_image`` for each image of scaled_q (B, nW, nH, n, hd) and kv_source (B, L, 2C): (B, Hp, Wp, C)."""
-    B, _, nH, _, hd = scaled_q.shape
-    out = scaled_q.new_empty(B, *map_size, nH * hd)
-    for i in range(B):
-        attend_image(scaled_q[i], kv_source[i], rows, bias, out[i])
-    return out
+    def load(self, i: int) -> None:
+        """Build image ``i``'s scaled queries (G, n, hd) and key source (L, 2C)."""
+        qkv = self.qkv[i]
+        image_windows(qkv[..., : qkv.shape[-1] // 3], self.window_size, self.num_heads, self.scaled_q, self.scale)
+        image_key_source(qkv, self.pooled_kv[i], self.key_source)
+
+    def probabilities_of(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (Gc, N, hd) and attention probabilities (Gc, n, N) of one chunk of the loaded image."""
+        g0, g1 = self.chunks[chunk]
+        k, v = chunk_keys_values(self.key_source, self.chunk_rows[chunk], self.keys_values)
+        p = leading(self.probabilities, g1 - g0, *self.probabilities.shape[1:])
+        return k, v, image_probabilities(self.scaled_q[g0:g1], k, self.bias[g0:g1], p)
+
+    def forward(self) -> torch.Tensor:
+        """Attended values of every image: (B, Hp, Wp, C)."""
+        out = self.qkv.new_empty(*self.qkv.shape[:3], self.qkv.shape[-1] // 3)
+        attended = torch.empty_like(self.scaled_q)
+        for i in range(self.qkv.shape[0]):
+            self.load(i)
+            for chunk, (g0, g1) in enumerate(self.chunks):
+                _, v, p = self.probabilities_of(chunk)
+                torch.bmm(p, v, out=attended[g0:g1])
+            image_from_windows(attended, out[i])
+        return out
+
+    def backward(
+        self, grad_out: torch.Tensor, out: torch.Tensor, need_qkv: bool, need_pooled: bool, need_bias: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of qkv, pooled_kv and the bias (summed over images) given the output and its gradient."""
+        qkv, pooled_kv, nH, hd, ws = self.qkv, self.pooled_kv, self.num_heads, self.head_dim, self.window_size
+        B, Hp, Wp, C3 = qkv.shape
+        G, n, n_keys = self.bias.shape
+        grad_qkv = torch.empty_like(qkv) if need_qkv else None
+        grad_pooled = torch.empty_like(pooled_kv) if need_pooled else None
+        grad_bias = self.bias.new_zeros(G, n, n_keys, dtype=torch.promote_types(self.bias.dtype, torch.float32))
+        grad_scores, grad_keys_values = torch.empty_like(self.probabilities), torch.empty_like(self.keys_values)
+        grad_source, grad_q, do = (
+            torch.empty_like(self.key_source),
+            torch.empty_like(self.scaled_q),
+            torch.empty_like(self.scaled_q),
+        )
+        # rowsum(dO * O) of every query and head, in window layout: (B, G, n, 1).
+        delta = (grad_out * out).unflatten(-1, (nH, hd)).sum(-1)  # (B, Hp, Wp, nH)
+        delta = map_to_window_heads(delta, ws, nH).view(B, G, n, 1)
+        for i in range(B):
+            self.load(i)
+            image_windows(grad_out[i], ws, nH, do)
+            grad_source.zero_()
+            for chunk, (g0, g1) in enumerate(self.chunks):
+                k, v, p = self.probabilities_of(chunk)
+                ds = leading(grad_scores, *p.shape)
+                torch.baddbmm(delta[i, g0:g1], do[g0:g1], v.transpose(1, 2), beta=-1, out=ds).mul_(p)  # d scores
+                grad_bias[g0:g1].add_(ds)
+                torch.bmm(ds, k, out=grad_q[g0:g1])
+                grad_kv = leading(grad_keys_values, 2, *k.shape)
+                torch.bmm(ds.transpose(1, 2), self.scaled_q[g0:g1], out=grad_kv[0])
+                torch.bmm(p.transpose(1, 2), do[g0:g1], out=grad_kv[1])
+                grad_source.view(-1, hd).index_add_(0, self.chunk_rows[chunk], grad_kv.view(-1, hd))
+            if grad_qkv is not None:
+                image_from_windows(grad_q.mul_(self.scale), grad_qkv[i, ..., : C3 // 3])
+                grad_qkv[i, ..., C3 // 3 :].copy_(grad_source[: Hp * Wp].view(Hp, Wp, -1))
+            if grad_pooled is not None:
+                grad_pooled[i].copy_(grad_source[Hp * Wp :])
+        return grad_qkv, grad_pooled, grad_bias.to(self.bias.dtype) if need_bias else None
 
 
 class PerImageFocalAttention(torch.autograd.Function):
-    """Focal attention on CPU, one image at a time, with a memory-lean backward.
+    """Focal attention on CPU (``ImageAttention``), with a memory-lean backward.
 
-    Inputs: q (B, nW, nH, n, hd), kv_source (B, L, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias
-    (nW, nH, n, N), the scale and the map size (Hp, Wp). Output: the (B, Hp, Wp, C) map of attended values.
-    The forward attends each image's gathered keys and drops them at once; one image at a time keeps them
-    in cache and lets the allocator reuse one buffer (measured faster than larger chunks or one call per
-    batch). Nothing per key is saved: the backward gathers the keys again, recomputes the probabilities and
-    returns the gradients of q, the key source (scattered back through the index) and the bias (summed
-    over images).
+    Inputs: qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias
+    (nW, nH, n, N) and the scale. Output: the (B, Hp, Wp, C) map of attended values. Nothing per key is saved: the
+    backward gathers the keys again, recomputes the probabilities and writes the gradients of qkv, of the pooled
+    k/v (scattered back through the index) and of the bias.
     """
 
     @staticmethod
-    def forward(ctx, q, kv_source, rows, bias, scale, map_size):
-        scaled_q = q * scale
-        out = attend_images(scaled_q, kv_source, rows, bias, map_size)
+    def forward(ctx, qkv, pooled_kv, rows, bias, scale):
+        bias = bias.flatten(0, 1)  # (G, n, N)
+        out = ImageAttention(qkv, pooled_kv, rows, bias, scale).forward()
         ctx.scale = scale
-        ctx.save_for_backward(scaled_q, kv_source, rows, bias, out)
+        ctx.save_for_backward(qkv, pooled_kv, rows, bias, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        scaled_q, kv_source, rows, bias, out = ctx.saved_tensors
-        need_q, need_kv, _, need_bias = ctx.needs_input_grad[:4]
-        B, n_windows, nH, n, hd = scaled_q.shape
-        n_keys = rows.shape[-1]
-        G, ws = n_windows * nH, round(n**0.5)
-        grad_q = torch.empty_like(scaled_q) if need_q else None
-        grad_kv = torch.zeros_like(kv_source) if need_kv else None
-        grad_bias = torch.zeros(G, n, n_keys, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device)
-        grad_kv_image = scaled_q.new_empty(2, G, n_keys, hd)
-        bias = bias.reshape(G, n, n_keys)
-        flat_rows = rows.reshape(-1)
-        # Cheap per-query terms for the whole batch at once: dO and rowsum(dO * O) in window layout.
-        qs = scaled_q.view(B, G, n, hd)
-        do = map_to_window_heads(grad_out, ws, nH).view(B, G, n, hd)
-        delta = (grad_out * out).unflatten(-1, (nH, hd)).sum(-1)  # (B, Hp, Wp, nH)
-        delta = map_to_window_heads(delta, ws, nH).view(B, G, n, 1)
-        for i in range(B):
-            k, v = image_keys_values(kv_source[i], rows)  # (G, N, hd) each
-            p = image_probabilities(qs[i], k, bias)  # (G, n, N)
-            ds = torch.baddbmm(delta[i], do[i], v.transpose(1, 2), beta=-1).mul_(p)  # gradient of the scores
-            grad_bias.add_(ds)
-            if grad_q is not None:
-                grad_q[i] = torch.bmm(ds, k).view(n_windows, nH, n, hd)
-            if grad_kv is not None:
-                torch.bmm(ds.transpose(1, 2), qs[i], out=grad_kv_image[0])
-                torch.bmm(p.transpose(1, 2), do[i], out=grad_kv_image[1])
-                grad_kv[i].view(-1, hd).index_add_(0, flat_rows, grad_kv_image.view(-1, hd))
-        if grad_q is not None:
-            grad_q.mul_(ctx.scale)
-        grad_bias = grad_bias.view(n_windows, nH, n, n_keys).to(bias.dtype) if need_bias else None
-        return grad_q, grad_kv, None, grad_bias, None, None
+        qkv, pooled_kv, rows, bias, out = ctx.saved_tensors
+        need_qkv, need_pooled, _, need_bias = ctx.needs_input_grad[:4]
+        attention = ImageAttention(qkv, pooled_kv, rows, bias, ctx.scale)
+        grad_qkv, grad_pooled, grad_bias = attention.backward(grad_out, out, need_qkv, need_pooled, need_bias)
+        grad_bias = None if grad_bias is None else grad_bias.view(rows.shape[1:3] + grad_bias.shape[1:])
+        return grad_qkv, grad_pooled, None, grad_bias, None
 
 
 def attend_per_image(
-    q: torch.Tensor,
-    kv_source: torch.Tensor,
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
-    map_size: tuple[int, int],
+    num_heads: int,
 ) -> torch.Tensor:
-    """``windowed_focal_attention`` one image at a time, without dropout (the CPU path)."""
-    rows = key_value_rows(key_index, q.shape[2])
-    if torch.is_grad_enabled() and (q.requires_grad or kv_source.requires_grad or bias.requires_grad):
-        return PerImageFocalAttention.apply(q, kv_source, rows, bias, scale, map_size)
-    return attend_images(q * scale, kv_source, rows, bias, map_size)
+    """``windowed_focal_attention`` one image at a time, without dropout (the CPU path): qkv (B, Hp, Wp, 3C),
+    pooled_kv (B, L_pooled, 2C), key_index (nW, N), bias (nW, nH, ws*ws, N) -> (B, Hp, Wp, C)."""
+    rows = key_value_rows(key_index, num_heads)
+    if torch.is_grad_enabled() and (qkv.requires_grad or pooled_kv.requires_grad or bias.requires_grad):
+        return PerImageFocalAttention.apply(qkv, pooled_kv, rows, bias, scale)
+    return ImageAttention(qkv, pooled_kv, rows, bias.flatten(0, 1), scale).forward()
 
 
 def windowed_focal_attention(
@@ -242,14 +341,14 @@ def windowed_focal_attention(
         return fused_focal_attention.fused_focal_attention(
             qkv, pooled_kv, key_index, bias, scale, window_size, num_heads
         )
+    bias = bias.to(qkv.dtype)
+    if qkv.device.type == "cpu" and dropout_p == 0.0:
+        return attend_per_image(qkv, pooled_kv, key_index, bias, scale, num_heads)
     C = qkv.shape[-1] // 3
     q = map_to_window_heads(qkv[..., :C], window_size, num_heads)  # (B, nW, nH, ws*ws, hd)
     kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)  # (B, L, 2C)
     map_size = tuple(qkv.shape[1:3])
     del qkv, pooled_kv  # copied out: free the projection before the attention's own buffers
-    bias = bias.to(q.dtype)
-    if q.device.type == "cpu" and dropout_p == 0.0:
-        return attend_per_image(q, kv_source, key_index, bias, scale, map_size)
     B, n_windows, nH, n, hd = q.shape
     kv = gather_keys_values(kv_source, key_value_rows(key_index, nH))  # (B, 2, nW, nH, N, hd)
     k, v = kv.flatten(2, 3).unbind(1)  # (B, nW*nH, N, hd) each
