@@ -308,8 +308,8 @@ def attend_per_image(
     scale: float,
     num_heads: int,
 ) -> torch.Tensor:
-    """``windowed_focal_attention`` one image at a time, without dropout (the CPU path): qkv (B, Hp, Wp, 3C),
-    pooled_kv (B, L_pooled, 2C), key_index (nW, N), bias (nW, nH, ws*ws, N) -> (B, Hp, Wp, C)."""
+    """``windowed_focal_attention`` image by image and a few windows at a time, without dropout (the CPU path):
+    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), key_index (nW, N), bias (nW, nH, ws*ws, N) -> (B, Hp, Wp, C)."""
     rows = key_value_rows(key_index, num_heads)
     if torch.is_grad_enabled() and (qkv.requires_grad or pooled_kv.requires_grad or bias.requires_grad):
         return PerImageFocalAttention.apply(qkv, pooled_kv, rows, bias, scale)
@@ -332,7 +332,7 @@ def windowed_focal_attention(
     copy queries and keys out of qkv free it before attending. key_index: (nW, N) into the key source [map tokens
     row-major, pooled rows]; bias: (nW, nH, ws*ws, N), shared by the images. Three paths compute the same thing:
     on CUDA the fused Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU
-    without dropout one image at a time (``attend_per_image``); otherwise (attention dropout, or float64) one
+    without dropout image by image (``attend_per_image``); otherwise (attention dropout, or float64 on CUDA) one
     ``scaled_dot_product_attention`` call over gathered keys.
     """
     qkv, pooled_kv = project()
