@@ -69,25 +69,26 @@ def focal_attention(
 # ---- layout helpers -----------------------------------------------------------------------------------------
 
 
+def window_view(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
+    """(..., Hp, Wp, C) map (any strides) -> (..., nWh, nWw, nH, ws, ws, hd) view of its windows and heads, no copy."""
+    *lead, Hp, Wp, C = x.shape
+    ws, d = window_size, len(lead)
+    x = x.view(*lead, Hp // ws, ws, Wp // ws, ws, num_heads, C // num_heads)
+    return x.permute(*range(d), d, d + 2, d + 4, d + 1, d + 3, d + 5)
+
+
 def map_to_window_heads(x: torch.Tensor, window_size: int, num_heads: int) -> torch.Tensor:
     """(B, Hp, Wp, C) map -> (B, nW, nH, ws*ws, hd): windows row-major, then heads, then tokens row-major."""
-    B, Hp, Wp, C = x.shape
-    ws = window_size
-    x = x.view(B, Hp // ws, ws, Wp // ws, ws, num_heads, C // num_heads)
-    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, num_heads, ws * ws, C // num_heads)
+    B, _, _, C = x.shape
+    return window_view(x, window_size, num_heads).reshape(B, -1, num_heads, window_size**2, C // num_heads)
 
 
-def window_heads_to_map(
-    windows: torch.Tensor, map_size: tuple[int, int], out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(B, nW, nH, ws*ws, hd) windows (any strides) -> (B, Hp, Wp, C) map, written into ``out`` if given."""
+def window_heads_to_map(windows: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
+    """(B, nW, nH, ws*ws, hd) windows (any strides) -> (B, Hp, Wp, C) map."""
     B, _, nH, n, hd = windows.shape
-    ws = round(n**0.5)
-    Hp, Wp = map_size
-    windows = windows.reshape(B, Hp // ws, Wp // ws, nH, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
-    if out is None:
-        return windows.reshape(B, Hp, Wp, nH * hd)
-    out.view(windows.shape).copy_(windows)
+    out = windows.new_empty(B, *map_size, nH * hd)
+    target = window_view(out, round(n**0.5), nH)
+    target.copy_(windows.reshape(target.shape))
     return out
 
 
@@ -129,9 +130,7 @@ def image_windows(
 ) -> torch.Tensor:
     """One image's (Hp, Wp, C) map (any strides) times ``scale`` -> its windows (nW*nH, ws*ws, hd) in ``out``, in
     one pass."""
-    Hp, Wp, C = x.shape
-    ws, hd = window_size, C // num_heads
-    x = x.view(Hp // ws, ws, Wp // ws, ws, num_heads, hd).permute(0, 2, 4, 1, 3, 5)  # (nWh, nWw, nH, ws, ws, hd)
+    x = window_view(x, window_size, num_heads)  # (nWh, nWw, nH, ws, ws, hd)
     torch.mul(x, scale, out=out.view(x.shape))
     return out
 
@@ -139,10 +138,8 @@ def image_windows(
 def image_from_windows(windows: torch.Tensor, out: torch.Tensor) -> None:
     """``image_windows`` undone: windows (nW*nH, ws*ws, hd) written into one image's (Hp, Wp, C) map ``out`` (any
     strides)."""
-    Hp, Wp, C = out.shape
     _, n, hd = windows.shape
-    ws = round(n**0.5)
-    target = out.view(Hp // ws, ws, Wp // ws, ws, C // hd, hd).permute(0, 2, 4, 1, 3, 5)  # (nWh, nWw, nH, ws, ws, hd)
+    target = window_view(out, round(n**0.5), out.shape[-1] // hd)  # (nWh, nWw, nH, ws, ws, hd)
     target.copy_(windows.view(target.shape))
 
 
@@ -198,8 +195,9 @@ class ImageAttention:
         per_window = window_bytes(nH, n, n_keys, self.head_dim, qkv.element_size())
         n_chunks = math.ceil(n_windows / max(1, CHUNK_BYTES // per_window))
         step = math.ceil(n_windows / n_chunks)  # windows per chunk, balanced
-        self.chunks = [(w * nH, min(w + step, n_windows) * nH) for w in range(0, n_windows, step)]  # G ranges
-        self.chunk_rows = [rows[:, g0 // nH : g1 // nH].reshape(-1) for g0, g1 in self.chunks]
+        window_ranges = [(w, min(w + step, n_windows)) for w in range(0, n_windows, step)]
+        self.chunks = [(w0 * nH, w1 * nH) for w0, w1 in window_ranges]  # ranges of G = window * nH + head
+        self.chunk_rows = [rows[:, w0:w1].reshape(-1) for w0, w1 in window_ranges]
         new = qkv.new_empty
         self.scaled_q = new(n_windows * nH, n, self.head_dim)
         self.key_source = new(Hp * Wp + pooled_kv.shape[1], 2 * nH * self.head_dim)
@@ -240,7 +238,8 @@ class ImageAttention:
         G, n, n_keys = self.bias.shape
         grad_qkv = torch.empty_like(qkv) if need_qkv else None
         grad_pooled = torch.empty_like(pooled_kv) if need_pooled else None
-        grad_bias = self.bias.new_zeros(G, n, n_keys, dtype=torch.promote_types(self.bias.dtype, torch.float32))
+        accumulated = torch.promote_types(self.bias.dtype, torch.float32)
+        grad_bias = self.bias.new_zeros(G, n, n_keys, dtype=accumulated) if need_bias else None
         grad_scores, grad_keys_values = torch.empty_like(self.probabilities), torch.empty_like(self.keys_values)
         grad_source, grad_q, do = (
             torch.empty_like(self.key_source),
@@ -258,16 +257,19 @@ class ImageAttention:
                 k, v, p = self.probabilities_of(chunk)
                 ds = leading(grad_scores, *p.shape)
                 torch.baddbmm(delta[i, g0:g1], do[g0:g1], v.transpose(1, 2), beta=-1, out=ds).mul_(p)  # d scores
-                grad_bias[g0:g1].add_(ds)
-                torch.bmm(ds, k, out=grad_q[g0:g1])
-                grad_kv = leading(grad_keys_values, 2, *k.shape)
-                torch.bmm(ds.transpose(1, 2), self.scaled_q[g0:g1], out=grad_kv[0])
-                torch.bmm(p.transpose(1, 2), do[g0:g1], out=grad_kv[1])
-                grad_source.view(-1, hd).index_add_(0, self.chunk_rows[chunk], grad_kv.view(-1, hd))
-            if grad_qkv is not None:
+                if need_bias:
+                    grad_bias[g0:g1].add_(ds)
+                if need_qkv:
+                    torch.bmm(ds, k, out=grad_q[g0:g1])
+                if need_qkv or need_pooled:
+                    grad_kv = leading(grad_keys_values, 2, *k.shape)
+                    torch.bmm(ds.transpose(1, 2), self.scaled_q[g0:g1], out=grad_kv[0])
+                    torch.bmm(p.transpose(1, 2), do[g0:g1], out=grad_kv[1])
+                    grad_source.view(-1, hd).index_add_(0, self.chunk_rows[chunk], grad_kv.view(-1, hd))
+            if need_qkv:
                 image_from_windows(grad_q.mul_(self.scale), grad_qkv[i, ..., : C3 // 3])
                 grad_qkv[i, ..., C3 // 3 :].copy_(grad_source[: Hp * Wp].view(Hp, Wp, -1))
-            if grad_pooled is not None:
+            if need_pooled:
                 grad_pooled[i].copy_(grad_source[Hp * Wp :])
         return grad_qkv, grad_pooled, grad_bias.to(self.bias.dtype) if need_bias else None
 
