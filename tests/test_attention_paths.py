@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_reference import gathered_attention
 
 from models import focal_attention as focal_attention_module
-from models.focal_attention import (
-    attend_per_image,
-    focal_attention,
-    gather_keys_values,
-    key_value_rows,
-    map_to_window_heads,
-    window_heads_to_map,
-)
+from models.focal_attention import attend_per_image
 
 B, MAP, WS, HEADS, HEAD_DIM, KEYS, POOLED = 2, 12, 4, 2, 4, 11, 5
 N_WINDOWS, SOURCE_LEN = (MAP // WS) ** 2, MAP * MAP + POOLED
@@ -40,12 +34,7 @@ def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 def batched_reference(qkv, pooled_kv, key_index, bias, scale, num_heads):
     """The same attention with plain autograd: gather every image's keys, one fused call."""
-    C = qkv.shape[-1] // 3
-    q = map_to_window_heads(qkv[..., :C], WS, num_heads)  # (B, nW, nH, n, hd)
-    kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)
-    k, v = gather_keys_values(kv_source, key_value_rows(key_index, num_heads)).flatten(2, 3).unbind(1)
-    out = focal_attention(q.flatten(1, 2), k, v, bias.flatten(0, 1)[None], scale, 0.0)
-    return window_heads_to_map(out.unflatten(1, (N_WINDOWS, num_heads)), (MAP, MAP))
+    return gathered_attention(qkv, pooled_kv, key_index, bias, scale, WS, num_heads)
 
 
 @pytest.mark.parametrize("windows_per_chunk", [None, 1, 2], ids=["default-chunks", "1-window", "2-windows"])

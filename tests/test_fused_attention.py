@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_reference import gathered_attention
 from golden import GOLDEN, golden_id, load_fixture, loaded_model, max_relative_error
 
 from models import focal_attention as focal_attention_module
 from models import fused_focal_attention as fused
-from models.focal_attention import (
-    focal_attention,
-    gather_keys_values,
-    key_value_rows,
-    map_to_window_heads,
-    window_heads_to_map,
-)
 
 pytestmark = pytest.mark.skipif(fused.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,14 +20,8 @@ BATCH, HEADS = 3, 2
 
 
 def reference(qkv, pooled_kv, key_index, bias, scale, window_size):
-    """softmax(q k^T * scale + bias) v over gathered keys, the batched path's math: (B, Hp, Wp, C)."""
-    C = qkv.shape[-1] // 3
-    q = map_to_window_heads(qkv[..., :C], window_size, HEADS)  # (B, nW, nH, n, hd)
-    kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)
-    B, n_windows, nH, n, hd = q.shape
-    k, v = gather_keys_values(kv_source, key_value_rows(key_index, nH)).flatten(2, 3).unbind(1)
-    out = focal_attention(q.flatten(1, 2), k, v, bias.flatten(0, 1)[None], scale, 0.0)
-    return window_heads_to_map(out.unflatten(1, (n_windows, nH)), tuple(qkv.shape[1:3]))
+    """The batched path's math in float64: (B, Hp, Wp, C)."""
+    return gathered_attention(qkv, pooled_kv, key_index, bias, scale, window_size, HEADS)
 
 
 def inputs(window_size: int, windows_per_side: int, num_keys: int, head_dim: int, seed: int = 0):
