@@ -152,15 +152,21 @@ def image_key_source(qkv: torch.Tensor, pooled_kv: torch.Tensor, out: torch.Tens
     return out
 
 
-def image_probabilities(scaled_q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) of one image: scaled_q (G, n, hd), k (G, N, hd), bias (G, n, N) -> ``out``
-    (G, n, N).
+def full_bias(bias: torch.Tensor, mask: torch.Tensor | None, n_windows: int) -> torch.Tensor:
+    """The attention bias as one (nW, nH, n, N) tensor: ``bias`` (1 or nW, nH, n, N) plus ``mask`` (nW, 1, n, N)."""
+    total = bias if mask is None else bias + mask
+    return total.expand(n_windows, *total.shape[1:])
 
-    The bias enters the product as its initial value and the softmax runs in place: one buffer, no extra pass
-    (measured faster on CPU than the fused flash kernel at these window sizes).
+
+def image_probabilities(scaled_q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) of some windows of one image: scaled_q (G, n, hd), k (G, N, hd), ``scores``
+    (G, n, N) holding the bias on entry and the probabilities on return.
+
+    The product adds onto the bias and the softmax runs in place: one buffer, no extra pass (measured faster on
+    CPU than the fused flash kernel at these window sizes).
     """
-    torch.baddbmm(bias, scaled_q, k.transpose(1, 2), out=out)
-    return torch.softmax(out, -1, out=out)
+    torch.baddbmm(scores, scaled_q, k.transpose(1, 2), out=scores)  # (not baddbmm_, which FLOP counters miss)
+    return torch.softmax(scores, -1, out=scores)
 
 
 # Bytes of per-window work (scores, their gradient, gathered keys and values, their gradient) the CPU attention
@@ -177,27 +183,35 @@ def window_bytes(num_heads: int, num_queries: int, num_keys: int, head_dim: int,
 class ImageAttention:
     """The CPU attention of one image after another, a few windows at a time, in buffers reused throughout.
 
-    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias (G, n, N)
-    with G = nW * nH. Each image's scaled queries (window layout) and key source are built once; its windows are
-    then attended in chunks of about ``CHUNK_BYTES`` of per-key work, so the gathered keys and the scores stay in
-    cache (measured faster than whole images or whole batches) and nothing is allocated per image or chunk.
+    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias
+    (1 or nW, nH, n, N) and mask (nW, 1, n, N) or None, summed into each chunk's scores (the (nW, nH, n, N) sum is
+    never built: the position bias is shared by the windows). Windows and heads are flattened to G = nW * nH. Each
+    image's scaled queries (window layout) and key source are built once; its windows are then attended in chunks
+    of about ``CHUNK_BYTES`` of per-key work, so the gathered keys and the scores stay in cache (measured faster
+    than whole images or whole batches) and nothing is allocated per image or chunk.
     """
 
     def __init__(
-        self, qkv: torch.Tensor, pooled_kv: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, scale: float
+        self,
+        qkv: torch.Tensor,
+        pooled_kv: torch.Tensor,
+        rows: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
     ) -> None:
         _, Hp, Wp, C3 = qkv.shape
         _, n_windows, nH, n_keys = rows.shape
-        self.qkv, self.pooled_kv, self.bias, self.scale = qkv, pooled_kv, bias, scale
+        self.qkv, self.pooled_kv, self.bias, self.mask, self.scale = qkv, pooled_kv, bias, mask, scale
         self.num_heads, self.head_dim = nH, C3 // (3 * nH)
         n = (Hp * Wp) // n_windows
         self.window_size = round(n**0.5)
         per_window = window_bytes(nH, n, n_keys, self.head_dim, qkv.element_size())
         n_chunks = math.ceil(n_windows / max(1, CHUNK_BYTES // per_window))
         step = math.ceil(n_windows / n_chunks)  # windows per chunk, balanced
-        window_ranges = [(w, min(w + step, n_windows)) for w in range(0, n_windows, step)]
-        self.chunks = [(w0 * nH, w1 * nH) for w0, w1 in window_ranges]  # ranges of G = window * nH + head
-        self.chunk_rows = [rows[:, w0:w1].reshape(-1) for w0, w1 in window_ranges]
+        self.window_ranges = [(w, min(w + step, n_windows)) for w in range(0, n_windows, step)]
+        self.chunks = [(w0 * nH, w1 * nH) for w0, w1 in self.window_ranges]  # ranges of G = window * nH + head
+        self.chunk_rows = [rows[:, w0:w1].reshape(-1) for w0, w1 in self.window_ranges]
         new = qkv.new_empty
         self.scaled_q = new(n_windows * nH, n, self.head_dim)
         self.key_source = new(Hp * Wp + pooled_kv.shape[1], 2 * nH * self.head_dim)
@@ -212,10 +226,16 @@ class ImageAttention:
 
     def probabilities_of(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values (Gc, N, hd) and attention probabilities (Gc, n, N) of one chunk of the loaded image."""
-        g0, g1 = self.chunks[chunk]
+        (g0, g1), (w0, w1) = self.chunks[chunk], self.window_ranges[chunk]
         k, v = chunk_keys_values(self.key_source, self.chunk_rows[chunk], self.keys_values)
-        p = leading(self.probabilities, g1 - g0, *self.probabilities.shape[1:])
-        return k, v, image_probabilities(self.scaled_q[g0:g1], k, self.bias[g0:g1], p)
+        scores = leading(self.probabilities, g1 - g0, *self.probabilities.shape[1:])
+        initial = scores.view(w1 - w0, self.num_heads, *scores.shape[1:])  # (Wc, nH, n, N)
+        bias = self.bias if self.bias.shape[0] == 1 else self.bias[w0:w1]
+        if self.mask is None:
+            initial.copy_(bias)
+        else:
+            torch.add(bias, self.mask[w0:w1], out=initial)
+        return k, v, image_probabilities(self.scaled_q[g0:g1], k, scores)
 
     def forward(self) -> torch.Tensor:
         """Attended values of every image: (B, Hp, Wp, C)."""
@@ -232,14 +252,17 @@ class ImageAttention:
     def backward(
         self, grad_out: torch.Tensor, out: torch.Tensor, need_qkv: bool, need_pooled: bool, need_bias: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Gradients of qkv, pooled_kv and the bias (summed over images) given the output and its gradient."""
+        """Gradients of qkv, pooled_kv and the bias (summed over images, and over windows if shared) given the output
+        and its gradient."""
         qkv, pooled_kv, nH, hd, ws = self.qkv, self.pooled_kv, self.num_heads, self.head_dim, self.window_size
         B, Hp, Wp, C3 = qkv.shape
-        G, n, n_keys = self.bias.shape
+        G, n = self.scaled_q.shape[:2]
         grad_qkv = torch.empty_like(qkv) if need_qkv else None
         grad_pooled = torch.empty_like(pooled_kv) if need_pooled else None
         accumulated = torch.promote_types(self.bias.dtype, torch.float32)
-        grad_bias = self.bias.new_zeros(G, n, n_keys, dtype=accumulated) if need_bias else None
+        grad_bias = torch.zeros_like(self.bias, dtype=accumulated) if need_bias else None
+        shared_bias = self.bias.shape[0] == 1
+        window_sum = self.bias.new_empty(self.bias.shape[1:], dtype=accumulated) if need_bias and shared_bias else None
         grad_scores, grad_keys_values = torch.empty_like(self.probabilities), torch.empty_like(self.keys_values)
         grad_source, grad_q, do = (
             torch.empty_like(self.key_source),
@@ -253,12 +276,16 @@ class ImageAttention:
             self.load(i)
             image_windows(grad_out[i], ws, nH, do)
             grad_source.zero_()
-            for chunk, (g0, g1) in enumerate(self.chunks):
+            for chunk, ((g0, g1), (w0, w1)) in enumerate(zip(self.chunks, self.window_ranges)):
                 k, v, p = self.probabilities_of(chunk)
                 ds = leading(grad_scores, *p.shape)
                 torch.baddbmm(delta[i, g0:g1], do[g0:g1], v.transpose(1, 2), beta=-1, out=ds).mul_(p)  # d scores
                 if need_bias:
-                    grad_bias[g0:g1].add_(ds)
+                    ds_windows = ds.view(w1 - w0, nH, n, -1)  # (Wc, nH, n, N)
+                    if shared_bias:
+                        grad_bias[0].add_(torch.sum(ds_windows, 0, out=window_sum))
+                    else:
+                        grad_bias[w0:w1].add_(ds_windows)
                 if need_qkv:
                     torch.bmm(ds, k, out=grad_q[g0:g1])
                 if need_qkv or need_pooled:
@@ -278,28 +305,26 @@ class PerImageFocalAttention(torch.autograd.Function):
     """Focal attention on CPU (``ImageAttention``), with a memory-lean backward.
 
     Inputs: qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), rows (2, nW, nH, N) from ``key_value_rows``, bias
-    (nW, nH, n, N) and the scale. Output: the (B, Hp, Wp, C) map of attended values. Nothing per key is saved: the
-    backward gathers the keys again, recomputes the probabilities and writes the gradients of qkv, of the pooled
-    k/v (scattered back through the index) and of the bias.
+    (1 or nW, nH, n, N), a constant mask (nW, 1, n, N) or None, and the scale. Output: the (B, Hp, Wp, C) map of
+    attended values. Nothing per key is saved: the backward gathers the keys again, recomputes the probabilities
+    and writes the gradients of qkv, of the pooled k/v (scattered back through the index) and of the bias.
     """
 
     @staticmethod
-    def forward(ctx, qkv, pooled_kv, rows, bias, scale):
-        bias = bias.flatten(0, 1)  # (G, n, N)
-        out = ImageAttention(qkv, pooled_kv, rows, bias, scale).forward()
+    def forward(ctx, qkv, pooled_kv, rows, bias, mask, scale):
+        out = ImageAttention(qkv, pooled_kv, rows, bias, mask, scale).forward()
         ctx.scale = scale
-        ctx.save_for_backward(qkv, pooled_kv, rows, bias, out)
+        ctx.save_for_backward(qkv, pooled_kv, rows, bias, mask, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        qkv, pooled_kv, rows, bias, out = ctx.saved_tensors
+        qkv, pooled_kv, rows, bias, mask, out = ctx.saved_tensors
         need_qkv, need_pooled, _, need_bias = ctx.needs_input_grad[:4]
-        attention = ImageAttention(qkv, pooled_kv, rows, bias, ctx.scale)
+        attention = ImageAttention(qkv, pooled_kv, rows, bias, mask, ctx.scale)
         grad_qkv, grad_pooled, grad_bias = attention.backward(grad_out, out, need_qkv, need_pooled, need_bias)
-        grad_bias = None if grad_bias is None else grad_bias.view(rows.shape[1:3] + grad_bias.shape[1:])
-        return grad_qkv, grad_pooled, None, grad_bias, None
+        return grad_qkv, grad_pooled, None, grad_bias, None, None
 
 
 def attend_per_image(
@@ -307,21 +332,24 @@ def attend_per_image(
     pooled_kv: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
     num_heads: int,
 ) -> torch.Tensor:
     """``windowed_focal_attention`` image by image and a few windows at a time, without dropout (the CPU path):
-    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), key_index (nW, N), bias (nW, nH, ws*ws, N) -> (B, Hp, Wp, C)."""
+    qkv (B, Hp, Wp, 3C), pooled_kv (B, L_pooled, 2C), key_index (nW, N), bias (1 or nW, nH, ws*ws, N), mask
+    (nW, 1, ws*ws, N) or None -> (B, Hp, Wp, C)."""
     rows = key_value_rows(key_index, num_heads)
     if torch.is_grad_enabled() and (qkv.requires_grad or pooled_kv.requires_grad or bias.requires_grad):
-        return PerImageFocalAttention.apply(qkv, pooled_kv, rows, bias, scale)
-    return ImageAttention(qkv, pooled_kv, rows, bias.flatten(0, 1), scale).forward()
+        return PerImageFocalAttention.apply(qkv, pooled_kv, rows, bias, mask, scale)
+    return ImageAttention(qkv, pooled_kv, rows, bias, mask, scale).forward()
 
 
 def windowed_focal_attention(
     project: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     key_index: torch.Tensor,
     bias: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
     dropout_p: float,
     window_size: int,
@@ -332,31 +360,32 @@ def windowed_focal_attention(
     ``project()`` gives qkv: (B, Hp, Wp, 3C), q, k, v of the map (heads-major within each), and pooled_kv:
     (B, L_pooled, 2C), k then v of the pooled maps (and v1's zero slot); it is called here so that the paths which
     copy queries and keys out of qkv free it before attending. key_index: (nW, N) into the key source [map tokens
-    row-major, pooled rows]; bias: (nW, nH, ws*ws, N), shared by the images. Three paths compute the same thing:
+    row-major, pooled rows]; bias: (1 or nW, nH, ws*ws, N), shared by the images (and by the windows if its first
+    size is 1), plus the constant ``mask`` (nW, 1, ws*ws, N) unless None. Three paths compute the same thing:
     on CUDA the fused Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU
     without dropout image by image (``attend_per_image``); otherwise (attention dropout, or float64 on CUDA) one
     ``scaled_dot_product_attention`` call over gathered keys.
     """
     qkv, pooled_kv = project()
     pooled_kv = pooled_kv.to(qkv.dtype)
+    n_windows = key_index.shape[0]
     if qkv.device.type in FUSED_DEVICES and fused_focal_attention.supports(qkv, dropout_p):
         return fused_focal_attention.fused_focal_attention(
-            qkv, pooled_kv, key_index, bias, scale, window_size, num_heads
+            qkv, pooled_kv, key_index, full_bias(bias, mask, n_windows), scale, window_size, num_heads
         )
-    bias = bias.to(qkv.dtype)
+    bias, mask = bias.to(qkv.dtype), None if mask is None else mask.to(qkv.dtype)
     if qkv.device.type == "cpu" and dropout_p == 0.0:
-        return attend_per_image(qkv, pooled_kv, key_index, bias, scale, num_heads)
+        return attend_per_image(qkv, pooled_kv, key_index, bias, mask, scale, num_heads)
     C = qkv.shape[-1] // 3
     q = map_to_window_heads(qkv[..., :C], window_size, num_heads)  # (B, nW, nH, ws*ws, hd)
     kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)  # (B, L, 2C)
     map_size = tuple(qkv.shape[1:3])
     del qkv, pooled_kv  # copied out: free the projection before the attention's own buffers
-    B, n_windows, nH, n, hd = q.shape
-    kv = gather_keys_values(kv_source, key_value_rows(key_index, nH))  # (B, 2, nW, nH, N, hd)
+    kv = gather_keys_values(kv_source, key_value_rows(key_index, num_heads))  # (B, 2, nW, nH, N, hd)
     k, v = kv.flatten(2, 3).unbind(1)  # (B, nW*nH, N, hd) each
-    bias = bias.flatten(0, 1)[None]  # (1, nW*nH, n, N)
+    bias = full_bias(bias, mask, n_windows).flatten(0, 1)[None]  # (1, nW*nH, n, N)
     out = focal_attention(q.flatten(1, 2), k, v, bias, scale, dropout_p)  # (B, nW*nH, n, hd)
-    return window_heads_to_map(out.unflatten(1, (n_windows, nH)), map_size)
+    return window_heads_to_map(out.unflatten(1, (n_windows, num_heads)), map_size)
 
 
 class KeyIndexedAttention(nn.Module):
@@ -372,10 +401,16 @@ class KeyIndexedAttention(nn.Module):
     zero_slots = 0
 
     def attend_and_project(
-        self, x: torch.Tensor, pooled: list[torch.Tensor], key_index: torch.Tensor, bias: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pooled: list[torch.Tensor],
+        key_index: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: map (B, Hp, Wp, C); pooled: maps (B, h_l, w_l, C); key_index (nW, N) into [map tokens, pooled tokens,
-        zero slots]; bias (nW, nH, ws*ws, N). Returns (B, Hp, Wp, C)."""
+        zero slots]; bias (1 or nW, nH, ws*ws, N) plus the constant mask (nW, 1, ws*ws, N) if given. Returns
+        (B, Hp, Wp, C)."""
 
         def project() -> tuple[torch.Tensor, torch.Tensor]:
             qkv = self.qkv(x)  # (B, Hp, Wp, 3C)
@@ -387,7 +422,7 @@ class KeyIndexedAttention(nn.Module):
 
         dropout_p = self.attn_drop if self.training else 0.0
         out = windowed_focal_attention(
-            project, key_index, bias, self.scale, dropout_p, self.window_size, self.num_heads
+            project, key_index, bias, mask, self.scale, dropout_p, self.window_size, self.num_heads
         )
         return self.proj_drop(self.proj(out))
 
@@ -502,14 +537,18 @@ class FocalWindowAttention(KeyIndexedAttention):
                 buffers[f"valid_ind_unfold_{k}"] = released_valid_ind_unfold(self.focal_window, k)
         return buffers
 
+    def merge_layout(self, key_index: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``focal_geometry.key_layout``'s key_index (nW, N) and key_mask (nW, ws^2, N), in released key order ->
+        the same with the repeated ring keys merged: (nW, N'), (nW, ws^2, N'), the layout ``forward`` reads."""
+        columns = self.merged_columns
+        return key_index[:, columns].contiguous(), key_mask[:, :, columns].contiguous()
+
     def forward(
         self, x: torch.Tensor, pooled: list[torch.Tensor], key_index: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
         """x: padded (shifted) map (B, Hp, Wp, C); pooled: maps (B, gh_k, gw_k, C); returns (B, Hp, Wp, C).
 
-        key_index (nW, N) and key_mask (nW, ws^2, N) come from ``focal_geometry.key_layout`` (released key order).
+        key_index (nW, N') and key_mask (nW, ws^2, N'): ``merge_layout`` of ``focal_geometry.key_layout``.
         """
-        columns = self.merged_columns
-        key_index, key_mask = key_index[:, columns], key_mask[:, :, columns]  # repeated ring keys merged
-        bias = self.merged_position_bias()[None] + key_mask[:, None]  # (nW, nH, ws*ws, N')
-        return self.attend_and_project(x, pooled, key_index, bias)
+        bias = self.merged_position_bias()[None]  # (1, nH, ws*ws, N')
+        return self.attend_and_project(x, pooled, key_index, bias, key_mask[:, None])

@@ -179,10 +179,7 @@ class FocalBlock(nn.Module):
         self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float
     ) -> nn.Module:
         """The focal window attention, and the key layout buffers (at the block's resolution) it reads."""
-        key_index, key_mask = self._key_layout(*self.input_resolution)
-        self.register_buffer("key_index", key_index, persistent=False)
-        self.register_buffer("key_mask", key_mask, persistent=False)
-        return FocalWindowAttention(
+        attention = FocalWindowAttention(
             self.dim,
             num_heads,
             self.window_size,
@@ -194,6 +191,10 @@ class FocalBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
         )
+        key_index, key_mask = attention.merge_layout(*self._key_layout(*self.input_resolution))
+        self.register_buffer("key_index", key_index, persistent=False)
+        self.register_buffer("key_mask", key_mask, persistent=False)
+        return attention
 
     def _padded(self, H: int, W: int) -> tuple[int, int]:
         ws = self.window_size
@@ -235,7 +236,8 @@ class FocalBlock(nn.Module):
         else:  # another input size: the layout depends only on the padded size, cached per size and device
             cache_key = (*x.shape[1:3], x.device)
             if cache_key not in self._other_layouts:
-                self._other_layouts[cache_key] = tuple(t.to(x.device) for t in self._key_layout(*x.shape[1:3]))
+                layout = self.attn.merge_layout(*self._key_layout(*x.shape[1:3]))
+                self._other_layouts[cache_key] = tuple(t.to(x.device) for t in layout)
             key_index, key_mask = self._other_layouts[cache_key]
         return self.attn(x, pooled, key_index, key_mask)
 

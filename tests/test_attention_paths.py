@@ -2,7 +2,8 @@
 
 The golden tests check the whole model with every input requiring a gradient; here each subset of
 (qkv, pooled k/v, bias) requires one, as when parts of a model are frozen, and repeated key rows (the index
-scatters gradients back onto shared tokens) are included.
+scatters gradients back onto shared tokens) are included. The bias comes both ways the models give it: one per
+window (v2), and one shared by the windows plus a constant per-window mask (v1).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import torch
 from attention_reference import gathered_attention
 
 from models import focal_attention as focal_attention_module
-from models.focal_attention import attend_per_image
+from models.focal_attention import attend_per_image, full_bias
 
 B, MAP, WS, HEADS, HEAD_DIM, KEYS, POOLED = 2, 12, 4, 2, 4, 11, 5
 N_WINDOWS, SOURCE_LEN = (MAP // WS) ** 2, MAP * MAP + POOLED
 
 
-def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(
+    seed: int = 0, shared_bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """fp64 qkv (B, Hp, Wp, 3C), pooled k/v (B, L_pooled, 2C), key index (nW, N) into [map tokens, pooled rows] with
-    repeats, bias (nW, nH, ws^2, N)."""
+    repeats, and either bias (nW, nH, ws^2, N) and no mask or bias (1, nH, ws^2, N) and a -100 / 0 mask
+    (nW, 1, ws^2, N)."""
     generator = torch.Generator().manual_seed(seed)
     C = HEADS * HEAD_DIM
     qkv = torch.randn(B, MAP, MAP, 3 * C, generator=generator, dtype=torch.float64)
@@ -28,18 +32,25 @@ def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     key_index = torch.randint(0, SOURCE_LEN, (N_WINDOWS, KEYS), generator=generator)
     key_index[:, -1] = key_index[:, 0]  # a token read twice by one window
     key_index[:, -2] = SOURCE_LEN - 1  # a pooled row read by every window
-    bias = torch.randn(N_WINDOWS, HEADS, WS * WS, KEYS, generator=generator, dtype=torch.float64)
-    return qkv, pooled_kv, key_index, bias
+    n_bias_windows = 1 if shared_bias else N_WINDOWS
+    bias = torch.randn(n_bias_windows, HEADS, WS * WS, KEYS, generator=generator, dtype=torch.float64)
+    mask = None
+    if shared_bias:
+        masked = torch.rand(N_WINDOWS, 1, WS * WS, KEYS, generator=generator) < 0.2
+        mask = torch.zeros(masked.shape, dtype=torch.float64).masked_fill(masked, -100.0)
+    return qkv, pooled_kv, key_index, bias, mask
 
 
-def batched_reference(qkv, pooled_kv, key_index, bias, scale, num_heads):
+def batched_reference(qkv, pooled_kv, key_index, bias, mask, scale, num_heads):
     """The same attention with plain autograd: gather every image's keys, one fused call."""
+    bias = full_bias(bias, mask, key_index.shape[0])
     return gathered_attention(qkv, pooled_kv, key_index, bias, scale, WS, num_heads)
 
 
+@pytest.mark.parametrize("shared_bias", [False, True], ids=["window-bias", "shared-bias-and-mask"])
 @pytest.mark.parametrize("windows_per_chunk", [None, 1, 2], ids=["default-chunks", "1-window", "2-windows"])
 @pytest.mark.parametrize("trainable", [(0, 1, 3), (0,), (1,), (3,), (1, 3)], ids=str)
-def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, monkeypatch):
+def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, shared_bias, monkeypatch):
     """Every image's windows in one chunk, one window per chunk, and 2 per chunk (9 windows: the last chunk shorter)."""
     if windows_per_chunk is not None:
         per_window = focal_attention_module.window_bytes(HEADS, WS * WS, KEYS, HEAD_DIM, 8)
@@ -47,11 +58,11 @@ def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, monk
     scale = HEAD_DIM**-0.5
     grads = []
     for attend in (attend_per_image, batched_reference):
-        tensors = list(inputs())
+        tensors = list(inputs(shared_bias=shared_bias))
         for position in trainable:
             tensors[position].requires_grad_(True)
-        qkv, pooled_kv, key_index, bias = tensors
-        out = attend(qkv, pooled_kv, key_index, bias, scale, HEADS)
+        qkv, pooled_kv, key_index, bias, mask = tensors
+        out = attend(qkv, pooled_kv, key_index, bias, mask, scale, HEADS)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         (out * weights).sum().backward()
         grads.append((out.detach(), [tensors[position].grad for position in trainable]))
@@ -63,8 +74,8 @@ def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, monk
 
 
 def test_inference_path_matches_training_path():
-    qkv, pooled_kv, key_index, bias = inputs()
+    qkv, pooled_kv, key_index, bias, mask = inputs(shared_bias=True)
     with torch.no_grad():
-        inference = attend_per_image(qkv, pooled_kv, key_index, bias, 0.5, HEADS)
-    training = attend_per_image(qkv.requires_grad_(True), pooled_kv, key_index, bias, 0.5, HEADS)
+        inference = attend_per_image(qkv, pooled_kv, key_index, bias, mask, 0.5, HEADS)
+    training = attend_per_image(qkv.requires_grad_(True), pooled_kv, key_index, bias, mask, 0.5, HEADS)
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)

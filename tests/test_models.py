@@ -224,12 +224,13 @@ def test_build_model_from_focal_tiny_config_is_the_registered_variant():
 
 
 def test_focal_tiny_key_counts_per_stage():
-    """49 window + 132 ring + fw^2 pooled keys; the last 7x7 stage: 49 + 1 (no ring)."""
+    """49 window + 132 released ring slots (120 tokens: the 12 read twice are merged) + fw^2 pooled keys; the last
+    7x7 stage: 49 + 1 (no ring)."""
     model = full_size("focal_tiny_patch4_window7_224")
     counts = [[block.key_index.shape[1] for block in stage.blocks] for stage in model.layers]
-    assert counts == [[230] * 2, [206] * 2, [190] * 6, [50] * 2]
+    assert counts == [[218] * 2, [194] * 2, [178] * 6, [50] * 2]
     model = timm.create_model("focal_tiny_patch4_window7_224", focal_levels=(3, 2, 2, 2), depths=(1, 1, 1, 1))
-    assert model.layers[0].blocks[0].key_index.shape[1] == 230 + 64
+    assert model.layers[0].blocks[0].key_index.shape[1] == 218 + 64
 
 
 # ---- released per-block rules -------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_stage_outside_focal_stages_keeps_its_ring_but_no_pooled_level():
     model = FocalTransformer(
         **dict(SMALL, img_size=224, focal_levels=(2,) * 4, focal_stages=(0,), expand_sizes=(3,) * 4)
     )
-    assert [stage.blocks[0].key_index.shape[1] for stage in model.layers] == [49 + 132 + 49, 49 + 132, 49 + 132, 49]
+    assert [stage.blocks[0].key_index.shape[1] for stage in model.layers] == [49 + 120 + 49, 49 + 120, 49 + 120, 49]
 
 
 def test_focal_level_zero_has_no_ring():

@@ -83,7 +83,7 @@ class BlockCapture:
     map_size: tuple[int, int]
     x: torch.Tensor  # (1, Hp, Wp, C) normed, padded, shifted map
     pooled: list[torch.Tensor]  # (1, gh_k, gw_k, C) per pooled level
-    key_index: torch.Tensor  # (nW, N)
+    key_index: torch.Tensor  # (nW, N), repeated ring keys merged (``FocalWindowAttention.merge_layout``)
     key_mask: torch.Tensor  # (nW, ws^2, N)
 
 
@@ -149,7 +149,7 @@ def query_weights(attn: FocalWindowAttention, capture: BlockCapture, window: int
     q = F.linear(x[0, row, col], attn.qkv.weight[:C], q_bias).view(nH, C // nH)  # (nH, hd)
     k, _ = gather_keys_values(attn, x, capture.pooled, capture.key_index[window])
     logits = torch.einsum("hd,hnd->hn", q * attn.scale, k)
-    logits = logits + attn.position_bias()[:, position] + capture.key_mask[window, position]
+    logits = logits + attn.merged_position_bias()[:, position] + capture.key_mask[window, position]
     return logits.softmax(-1)
 
 
