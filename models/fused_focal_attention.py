@@ -21,6 +21,8 @@ through Triton's interpreter.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -229,6 +231,11 @@ def _check_shapes(
         )
 
 
+def _launching_on(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``tensor``'s (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class FusedFocalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
 
@@ -247,10 +254,11 @@ class FusedFocalAttention(torch.autograd.Function):
         out = qkv.new_empty(B, Hp, Wp, C3 // 3)
         lse = torch.empty(B, Hp, Wp, num_heads, device=qkv.device, dtype=torch.float32)
         windows = (Hp // window_size) * (Wp // window_size)
-        _forward_kernel[(windows * num_heads, B)](
-            qkv, pooled_kv, key_index, bias, out, lse, scale, num_heads, **geometry,
-            **_block_sizes(window_size, C3 // 3 // num_heads), IEEE=qkv.dtype == torch.float32,
-        )  # fmt: skip
+        with _launching_on(qkv):
+            _forward_kernel[(windows * num_heads, B)](
+                qkv, pooled_kv, key_index, bias, out, lse, scale, num_heads, **geometry,
+                **_block_sizes(window_size, C3 // 3 // num_heads), IEEE=qkv.dtype == torch.float32,
+            )  # fmt: skip
         ctx.save_for_backward(qkv, pooled_kv, key_index, bias, out, lse)
         ctx.scale, ctx.window_size, ctx.num_heads = scale, window_size, num_heads
         return out
@@ -269,11 +277,12 @@ class FusedFocalAttention(torch.autograd.Function):
         images_per_program = max(1, triton.cdiv(B, chunks))
         chunks = max(1, triton.cdiv(B, images_per_program))  # one (empty) chunk for an empty batch
         grad_bias = torch.empty(chunks, *bias.shape, device=qkv.device, dtype=torch.float32)
-        _backward_kernel[(windows * nH, key_blocks, chunks)](
-            qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,
-            ctx.scale, nH, **geometry, batch=B, images_per_program=images_per_program,
-            bias_chunk_stride=bias.numel(), **_block_sizes(ws, C3 // 3 // nH), IEEE=qkv.dtype == torch.float32,
-        )  # fmt: skip
+        with _launching_on(qkv):
+            _backward_kernel[(windows * nH, key_blocks, chunks)](
+                qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,
+                ctx.scale, nH, **geometry, batch=B, images_per_program=images_per_program,
+                bias_chunk_stride=bias.numel(), **_block_sizes(ws, C3 // 3 // nH), IEEE=qkv.dtype == torch.float32,
+            )  # fmt: skip
         grads = grad_qkv.to(qkv.dtype), grad_pooled.to(pooled_kv.dtype), None, grad_bias.sum(0).to(bias.dtype)
         return (*grads, None, None, None)
 
