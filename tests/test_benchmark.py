@@ -28,8 +28,15 @@ def test_benchmark_writes_json_with_every_field(tmp_path):
         assert set(result) == set(benchmark.Result.__dataclass_fields__)
         assert result["images_per_s"] > 0 and result["baseline_images_per_s"] > 0 and result["speed_ratio"] > 0
         assert len(result["times_s"]) == len(result["baseline_times_s"]) == 1
+        round_ratio = result["baseline_times_s"][0] / result["times_s"][0]
+        assert result["round_ratio_quartiles"] == [round_ratio] * 3
     infer, train = report["results"]
     assert infer["mfu"] is None and train["mfu"] is None  # CPU fp32: no known peak
+
+
+def test_round_ratio_quartiles_are_of_the_per_round_ratios():
+    times, baseline_times = [2.0, 1.0, 4.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.5, 2.0]  # ratios 0.5, 1, 0.25, 0.75, 2
+    assert benchmark.round_ratio_quartiles(times, baseline_times) == (0.5, 0.75, 1.0)
 
 
 def test_training_mfu_is_model_flops_over_the_peak():

@@ -99,6 +99,7 @@ class Result:
     images_per_s: float
     baseline_images_per_s: float
     speed_ratio: float
+    round_ratio_quartiles: tuple[float, float, float]
     peak_memory_mb: float | None
     baseline_peak_memory_mb: float | None
     memory_ratio: float | None
@@ -172,6 +173,16 @@ def time_interleaved(steps: dict[str, Callable[[], None]], settings: BenchSettin
             if i >= settings.warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def round_ratio_quartiles(times: list[float], baseline_times: list[float]) -> tuple[float, float, float]:
+    """Lower quartile, median and upper quartile of the speed ratio within each interleaved round (baseline time
+    over model time): how far the noise moves the ratio, which the ratio of medians does not show."""
+    ratios = [base / own for own, base in zip(times, baseline_times)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, median, q3
 
 
 # ---- model FLOPs utilisation ----------------------------------------------------------------------------------
@@ -310,6 +321,7 @@ def run_benchmark(settings: BenchSettings) -> list[Result]:
                             images_per_s=ips,
                             baseline_images_per_s=base_ips,
                             speed_ratio=ips / base_ips,
+                            round_ratio_quartiles=round_ratio_quartiles(times[name], times[baseline]),
                             peak_memory_mb=None if peak is None else peak / 2**20,
                             baseline_peak_memory_mb=None if base_peak is None else base_peak / 2**20,
                             memory_ratio=None if peak is None or not base_peak else peak / base_peak,
@@ -330,14 +342,16 @@ def markdown_table(results: list[Result]) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [
-        "| model | baseline | res | batch | mode | img/s | baseline img/s | speed ratio | peak MB | baseline MB "
-        "| memory ratio | MFU | baseline MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | baseline | res | batch | mode | img/s | baseline img/s | speed ratio | per round (q1-q3) "
+        "| peak MB | baseline MB | memory ratio | MFU | baseline MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        q1, _, q3 = r.round_ratio_quartiles
         lines.append(
             f"| {r.model} | {r.baseline} | {r.img_size} | {r.batch_size} | {r.mode} | {r.images_per_s:.2f} "
-            f"| {r.baseline_images_per_s:.2f} | {r.speed_ratio:.3f} | {num(r.peak_memory_mb, '.0f')} "
+            f"| {r.baseline_images_per_s:.2f} | {r.speed_ratio:.3f} | {q1:.3f}-{q3:.3f} "
+            f"| {num(r.peak_memory_mb, '.0f')} "
             f"| {num(r.baseline_peak_memory_mb, '.0f')} | {num(r.memory_ratio, '.3f')} "
             f"| {num(r.mfu, '.1%')} | {num(r.baseline_mfu, '.1%')} |"
         )
