@@ -472,7 +472,6 @@ class FocalWindowAttention(KeyIndexedAttention):
             trunc_normal_(table, std=0.02)
             self.relative_position_bias_table_to_windows.append(table)
         bias_index = self._build_bias_index()
-        self.register_buffer("bias_index", bias_index, persistent=False)
         n_pooled_keys = sum(pooled_window_size(focal_window, k) ** 2 for k in range(num_pooled_levels))
         columns = merged_key_columns(window_size, expand_size, n_pooled_keys)  # (N', m <= 2)
         self.register_buffer("merged_columns", columns[:, 0].contiguous(), persistent=False)
@@ -490,7 +489,7 @@ class FocalWindowAttention(KeyIndexedAttention):
         """(ws^2, N) index of every (query, key slot) bias into the concatenation of all bias tables.
 
         Tables are concatenated heads-first: in-window table (transposed), the dense ring table, then the
-        pooled tables, so ``position_bias`` needs one gather.
+        pooled tables, so ``merged_position_bias`` reads them with one gather (and one more for the repeated keys).
         """
         ws, ws2 = self.window_size, self.window_size**2
         parts = [relative_position_index(ws, ws)]
@@ -510,10 +509,6 @@ class FocalWindowAttention(KeyIndexedAttention):
         ring = [self.relative_position_bias_table_to_neighbors.flatten(2)[0]] if self.expand_size > 0 else []
         pooled = [self.relative_position_bias_table_to_windows[k] for k in range(self.num_pooled_levels)]
         return torch.cat([self.relative_position_bias_table.t(), *ring, *pooled], 1)
-
-    def position_bias(self) -> torch.Tensor:
-        """Learned bias of every query to every released key slot: (nH, ws^2, N)."""
-        return self._bias_tables()[:, self.bias_index]
 
     def merged_position_bias(self) -> torch.Tensor:
         """Bias of every query to every merged key (repeated ring keys log-sum-exp'ed): (nH, ws^2, N')."""
