@@ -13,8 +13,10 @@ straight into the (B, Hp, Wp, C) map, so nothing is gathered, scattered, concate
   from, query gradients likewise (all into one qkv-shaped buffer), and the bias gradient summed over the chunk
   in registers (chunks are summed after).
 
-The math is that of ``focal_attention.windowed_focal_attention``: softmax(q k^T * scale + bias) v with the same
-keys and biases; fp32 inputs use IEEE fp32 products (no TF32); any head dimension (padded to a power of two).
+The two kernels are custom operators (``focal::fused_attention_forward`` / ``_backward``) chained by autograd, so
+``torch.compile`` sees each as one call. The math is that of ``focal_attention.windowed_focal_attention``:
+softmax(q k^T * scale + bias) v with the same keys and biases; fp32 inputs use IEEE fp32 products (no TF32); any
+head dimension (padded to a power of two).
 Used on CUDA for fp32/bf16/fp16 without attention dropout (``supports``); tests run the same kernels on CPU tensors
 through Triton's interpreter.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -236,55 +237,111 @@ def _launching_on(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-class FusedFocalAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
+# The kernels as two custom operators with shape-only fake versions: torch.compile treats each as one opaque call (no
+# graph break, and Dynamo never traces into Triton's launcher); ``register_autograd`` chains them. The schemas are
+# spelled out because torch 2.4 cannot infer them from this module's postponed annotations.
 
-    qkv: (B, Hp, Wp, 3C), the map's q, k, v (heads-major within each); pooled_kv: (B, L_pooled, 2C), k then v of
-    the pooled maps and any zero slot; key_index: (nW, N) into the key source [map tokens, pooled rows];
-    bias: (nW, nH, ws*ws, N). Returns the (B, Hp, Wp, C) map in qkv's dtype.
-    """
 
-    @staticmethod
-    def forward(ctx, qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
-        _check_shapes(qkv, pooled_kv, key_index, bias, window_size, num_heads)
-        qkv, pooled_kv = qkv.contiguous(), pooled_kv.contiguous()
-        key_index, bias = key_index.contiguous(), bias.contiguous()
-        B, Hp, Wp, C3 = qkv.shape
-        geometry = _geometry(qkv, pooled_kv, key_index, window_size)
-        out = qkv.new_empty(B, Hp, Wp, C3 // 3)
-        lse = torch.empty(B, Hp, Wp, num_heads, device=qkv.device, dtype=torch.float32)
-        windows = (Hp // window_size) * (Wp // window_size)
-        with _launching_on(qkv):
-            _forward_kernel[(windows * num_heads, B)](
-                qkv, pooled_kv, key_index, bias, out, lse, scale, num_heads, **geometry,
-                **_block_sizes(window_size, C3 // 3 // num_heads), IEEE=qkv.dtype == torch.float32,
-            )  # fmt: skip
-        ctx.save_for_backward(qkv, pooled_kv, key_index, bias, out, lse)
-        ctx.scale, ctx.window_size, ctx.num_heads = scale, window_size, num_heads
-        return out
+def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.contiguous() for t in tensors)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        qkv, pooled_kv, key_index, bias, out, lse = ctx.saved_tensors
-        ws, nH = ctx.window_size, ctx.num_heads
-        B, Hp, Wp, C3 = qkv.shape
-        geometry = _geometry(qkv, pooled_kv, key_index, ws)
-        grad_qkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
-        grad_pooled = torch.zeros(pooled_kv.shape, device=qkv.device, dtype=torch.float32)
-        windows, key_blocks = (Hp // ws) * (Wp // ws), triton.cdiv(geometry["num_keys"], BLOCK_K)
-        chunks = max(1, min(B, triton.cdiv(TARGET_PROGRAMS, windows * nH * key_blocks)))
-        images_per_program = max(1, triton.cdiv(B, chunks))
-        chunks = max(1, triton.cdiv(B, images_per_program))  # one (empty) chunk for an empty batch
-        grad_bias = torch.empty(chunks, *bias.shape, device=qkv.device, dtype=torch.float32)
-        with _launching_on(qkv):
-            _backward_kernel[(windows * nH, key_blocks, chunks)](
-                qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,
-                ctx.scale, nH, **geometry, batch=B, images_per_program=images_per_program,
-                bias_chunk_stride=bias.numel(), **_block_sizes(ws, C3 // 3 // nH), IEEE=qkv.dtype == torch.float32,
-            )  # fmt: skip
-        grads = grad_qkv.to(qkv.dtype), grad_pooled.to(pooled_kv.dtype), None, grad_bias.sum(0).to(bias.dtype)
-        return (*grads, None, None, None)
+
+@torch.library.custom_op(
+    "focal::fused_attention_forward",
+    mutates_args=(),
+    schema="(Tensor qkv, Tensor pooled_kv, Tensor key_index, Tensor bias, float scale, int window_size, "
+    "int num_heads) -> (Tensor, Tensor)",
+)
+def _attention_forward(
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
+    key_index: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    window_size: int,
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attended map (B, Hp, Wp, C) in qkv's dtype, and the fp32 log-sum-exp of every query (B, Hp, Wp, nH)."""
+    qkv, pooled_kv, key_index, bias = _contiguous(qkv, pooled_kv, key_index, bias)
+    B, Hp, Wp, C3 = qkv.shape
+    out, lse = _attention_forward_fake(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
+    windows = (Hp // window_size) * (Wp // window_size)
+    with _launching_on(qkv):
+        _forward_kernel[(windows * num_heads, B)](
+            qkv, pooled_kv, key_index, bias, out, lse, scale, num_heads,
+            **_geometry(qkv, pooled_kv, key_index, window_size),
+            **_block_sizes(window_size, C3 // 3 // num_heads), IEEE=qkv.dtype == torch.float32,
+        )  # fmt: skip
+    return out, lse
+
+
+@_attention_forward.register_fake
+def _attention_forward_fake(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
+    B, Hp, Wp, C3 = qkv.shape
+    return qkv.new_empty(B, Hp, Wp, C3 // 3), qkv.new_empty(B, Hp, Wp, num_heads, dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "focal::fused_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor qkv, Tensor pooled_kv, Tensor key_index, Tensor bias, Tensor out, Tensor lse, "
+    "float scale, int window_size, int num_heads) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    pooled_kv: torch.Tensor,
+    key_index: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    window_size: int,
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of qkv, pooled_kv and bias, in their dtypes, given the forward's inputs and outputs."""
+    qkv, pooled_kv, key_index, bias = _contiguous(qkv, pooled_kv, key_index, bias)
+    ws, nH = window_size, num_heads
+    B, Hp, Wp, C3 = qkv.shape
+    geometry = _geometry(qkv, pooled_kv, key_index, ws)
+    grad_qkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
+    grad_pooled = torch.zeros(pooled_kv.shape, device=qkv.device, dtype=torch.float32)
+    windows, key_blocks = (Hp // ws) * (Wp // ws), triton.cdiv(geometry["num_keys"], BLOCK_K)
+    chunks = max(1, min(B, triton.cdiv(TARGET_PROGRAMS, windows * nH * key_blocks)))
+    images_per_program = max(1, triton.cdiv(B, chunks))
+    chunks = max(1, triton.cdiv(B, images_per_program))  # one (empty) chunk for an empty batch
+    grad_bias = torch.empty(chunks, *bias.shape, device=qkv.device, dtype=torch.float32)
+    with _launching_on(qkv):
+        _backward_kernel[(windows * nH, key_blocks, chunks)](
+            qkv, pooled_kv, key_index, bias, out, grad_out.contiguous(), lse, grad_qkv, grad_pooled, grad_bias,
+            scale, nH, **geometry, batch=B, images_per_program=images_per_program,
+            bias_chunk_stride=bias.numel(), **_block_sizes(ws, C3 // 3 // nH), IEEE=qkv.dtype == torch.float32,
+        )  # fmt: skip
+    return grad_qkv.to(qkv.dtype), grad_pooled.to(pooled_kv.dtype), grad_bias.sum(0).to(bias.dtype)
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(grad_out, qkv, pooled_kv, key_index, bias, out, lse, scale, window_size, num_heads):
+    return qkv.new_empty(qkv.shape), pooled_kv.new_empty(pooled_kv.shape), bias.new_empty(bias.shape)  # contiguous
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    qkv, pooled_kv, key_index, bias, scale, window_size, num_heads = inputs
+    ctx.save_for_backward(qkv, pooled_kv, key_index, bias, *output)
+    ctx.scale, ctx.window_size, ctx.num_heads = scale, window_size, num_heads
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    """The backward operator's gradients, None for the inputs that need none (the integer index, the constants)."""
+    grads = _attention_backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.window_size, ctx.num_heads)
+    need_qkv, need_pooled, _, need_bias = ctx.needs_input_grad[:4]
+    grad_qkv, grad_pooled, grad_bias = (
+        g if need else None for g, need in zip(grads, (need_qkv, need_pooled, need_bias))
+    )
+    return grad_qkv, grad_pooled, None, grad_bias, None, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def fused_focal_attention(
@@ -296,5 +353,13 @@ def fused_focal_attention(
     window_size: int,
     num_heads: int,
 ) -> torch.Tensor:
-    """``FusedFocalAttention`` (see there for shapes)."""
-    return FusedFocalAttention.apply(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
+    """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
+
+    qkv: (B, Hp, Wp, 3C), the map's q, k, v (heads-major within each); pooled_kv: (B, L_pooled, 2C), k then v of
+    the pooled maps and any zero slot; key_index: (nW, N) into the key source [map tokens, pooled rows];
+    bias: (nW, nH, ws*ws, N). Returns the (B, Hp, Wp, C) map in qkv's dtype. Gradients of gradients are refused
+    (the backward operator has no derivative).
+    """
+    _check_shapes(qkv, pooled_kv, key_index, bias, window_size, num_heads)
+    out, _ = _attention_forward(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
+    return out
