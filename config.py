@@ -401,6 +401,8 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
             config.AMP_DTYPE = _amp_from_opt_level(args.amp_opt_level)
     if getattr(args, "eval", False):
         config.EVAL_MODE = True
+    if config.EVAL_MODE and not config.MODEL.RESUME:
+        raise ConfigError("--eval evaluates the checkpoint given by --resume (MODEL.RESUME), and none was given")
     if getattr(args, "throughput", False):
         config.THROUGHPUT_MODE = True
     if not config.OUTPUT:

@@ -226,21 +226,27 @@ def _save_checkpoint(
 
 
 def _find_checkpoint(trainer: Trainer) -> tuple[str, dict] | None:
-    """The checkpoint to resume from: MODEL.RESUME, else (with AUTO_RESUME) the newest valid one.
+    """The checkpoint to resume from: with AUTO_RESUME the newest valid one of the run's own folder, else
+    MODEL.RESUME. The run's own checkpoints win over MODEL.RESUME (as in the released trainer), so rerunning a
+    command that names ``--resume`` continues the run instead of going back to that file.
 
     Rank 0 picks the file and the others load the same one.
     """
     config, logger = trainer.config, trainer.logger
+    if config.TRAIN.AUTO_RESUME:
+        found = trainer.checkpoints.latest_valid() if trainer.dist_info.rank == 0 else None
+        path = broadcast_object(found[0] if found else None)
+        if path is not None:
+            if config.MODEL.RESUME:
+                logger.warning(
+                    f"the run folder holds {path}: resuming from it instead of MODEL.RESUME {config.MODEL.RESUME} "
+                    "(TRAIN.AUTO_RESUME False resumes from MODEL.RESUME)"
+                )
+            logger.info(f"auto-resuming from {path}")
+            return path, found[1] if found else load_checkpoint_file(path)
     if config.MODEL.RESUME:
         return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME)
-    if not config.TRAIN.AUTO_RESUME:
-        return None
-    found = trainer.checkpoints.latest_valid() if trainer.dist_info.rank == 0 else None
-    path = broadcast_object(found[0] if found else None)
-    if path is None:
-        return None
-    logger.info(f"auto-resuming from {path}")
-    return path, found[1] if found else load_checkpoint_file(path)
+    return None
 
 
 def _restore_rank_state(trainer: Trainer, checkpoint: dict, epoch_done: bool) -> EpochMeters | None:
@@ -404,8 +410,7 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
 
 def evaluate_checkpoint(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger) -> None:
     """--eval: load MODEL.RESUME (before reading any data, so a bad file fails fast), evaluate, save results."""
-    if config.MODEL.RESUME:
-        load_model_weights(model, config.MODEL.RESUME, logger, ema=config.EVAL_EMA)
+    load_model_weights(model, config.MODEL.RESUME, logger, ema=config.EVAL_EMA)
     data = build_loader(config, dist_info.rank, dist_info.world_size)
     amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, dist_info.device)
     result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger)

@@ -152,9 +152,16 @@ def test_tuple_default_stays_a_tuple():
 
 def test_flags_override_file_and_opts(tmp_path):
     path = write(tmp_path / "c.yaml", "DATA:\n  BATCH_SIZE: 16\n")
-    cfg = get_config(make_args(path, opts=["DATA.BATCH_SIZE", "32"], batch_size=8, eval=True, zip=True))
+    args = make_args(path, opts=["DATA.BATCH_SIZE", "32"], batch_size=8, eval=True, resume="ckpt.pth", zip=True)
+    cfg = get_config(args)
     assert cfg.DATA.BATCH_SIZE == 8
-    assert cfg.EVAL_MODE and cfg.DATA.ZIP_MODE
+    assert cfg.EVAL_MODE and cfg.DATA.ZIP_MODE and cfg.MODEL.RESUME == "ckpt.pth"
+
+
+def test_eval_without_a_checkpoint_is_refused():
+    """--eval with no --resume would score a randomly initialised model."""
+    with pytest.raises(ConfigError, match="--eval evaluates the checkpoint given by --resume"):
+        get_config(make_args(eval=True))
 
 
 def test_amp_opt_level_o0_turns_mixed_precision_off():

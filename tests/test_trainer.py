@@ -52,6 +52,25 @@ def test_auto_resume_continues_from_last_checkpoint(trained_run, toy_root, tmp_p
     assert [row["epoch"] for row in _metrics(run_dir(output))] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("auto_resume", [True, False])
+def test_rerun_naming_resume_continues_the_run_unless_auto_resume_is_off(trained_run, toy_root, tmp_path, auto_resume):
+    """A rerun of a command with --resume continues from the run's own newest checkpoint (the released trainer's
+    rule), so a preempted job loses nothing; TRAIN.AUTO_RESUME False makes --resume win."""
+    output = tmp_path / "out"
+    shutil.copytree(trained_run, run_dir(output))
+    first_epoch = tmp_path / "epoch0.pth"
+    checkpoint = torch.load(trained_run / "last.pth", weights_only=False)
+    torch.save({**checkpoint, "epoch": 0, "epoch_done": True}, first_epoch)  # as if written after epoch 0
+    opts = ["TRAIN.EPOCHS", "3", "TRAIN.AUTO_RESUME", str(auto_resume)]
+    result = run_main(main_args(output, toy_root, "--resume", str(first_epoch), opts=opts), nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (run_dir(output) / "log_rank0.txt").read_text()
+    if auto_resume:
+        assert f"instead of MODEL.RESUME {first_epoch}" in log and "starting at epoch 2" in log
+    else:
+        assert f"resumed from {first_epoch}: starting at epoch 1" in log
+
+
 def _evaluate(checkpoint: Path, toy_root: Path, output: Path, nproc: int, *extra: str, opts=None) -> dict:
     args = main_args(output, toy_root, "--eval", "--resume", str(checkpoint), *extra, opts=opts)
     result = run_main(args, nproc=nproc)
