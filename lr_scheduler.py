@@ -103,16 +103,22 @@ class IterLRScheduler:
         return {"step": self.step_count, "schedule": dataclasses.asdict(self.schedule)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved step with the saved schedule, so the learning rates match exactly.
-
-        A schedule that differs from the configured one (say, another world size) is logged: the
-        saved one wins, because resuming must not change the learning-rate curve.
+        """Continue from a saved step. With an unchanged config the schedule is the saved one and the learning rates
+        match an uninterrupted run exactly. A configured schedule that differs (say, TRAIN.EPOCHS raised to extend a
+        run) wins, with a warning giving the rate before and after: the config says what the rest of the run does.
         """
-        saved = LRSchedule(**state["schedule"])
+        saved, step = LRSchedule(**state["schedule"]), int(state["step"])
         if saved != self.schedule:
-            _logger.warning("resuming with the saved LR schedule %s instead of %s", saved, self.schedule)
-        self.schedule = saved
-        self.step_update(int(state["step"]))
+            _logger.warning(
+                "the configured LR schedule differs from the checkpoint's: continuing on %s instead of %s, so the "
+                "learning rate at step %d is %.3g instead of %.3g",
+                self.schedule,
+                saved,
+                step,
+                self.schedule.lr_at(step),
+                saved.lr_at(step),
+            )
+        self.step_update(step)
 
 
 def build_scheduler(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -111,11 +112,18 @@ def test_resume_from_state_dict_gives_identical_learning_rates():
     assert _lrs(resumed, 100) == expected  # bit-exact, not approximate
 
 
-def test_saved_schedule_wins_over_a_changed_config():
-    state = _scheduler(epochs=20).state_dict()
+def test_a_changed_config_wins_over_the_saved_schedule(caplog, monkeypatch):
+    """Raising TRAIN.EPOCHS on resume extends the run: the rest follows the longer schedule (not the min LR the
+    saved, shorter one has reached)."""
+    monkeypatch.setattr(logging.getLogger("focal"), "propagate", True)  # a run's logger stops at its own handlers
+    original = _scheduler(epochs=20)
+    _lrs(original, 150)
     resumed = _scheduler(epochs=30)
-    resumed.load_state_dict(state)
-    assert resumed.schedule == _scheduler(epochs=20).schedule
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(original.state_dict())
+    assert resumed.schedule == _scheduler(epochs=30).schedule
+    assert resumed.get_last_lr() == [resumed.schedule.lr_at(150)] != original.get_last_lr()
+    assert "configured LR schedule differs" in caplog.text
 
 
 def test_unknown_scheduler_is_an_error_naming_it():
