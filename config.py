@@ -43,7 +43,8 @@ _C.DATA.CACHE_MODE = "part"
 _C.DATA.PIN_MEMORY = True
 # Number of data loading worker processes per training process.
 _C.DATA.NUM_WORKERS = 8
-# Skip (and count) unreadable images instead of stopping with an error naming the file.
+# Skip (log and count) unreadable images instead of stopping with an error naming the file; evaluation leaves
+# them out of its accuracy and reports how many as num_skipped.
 _C.DATA.SKIP_CORRUPT = False
 # Toy dataset: folder that holds the generated images (empty: <repo>/.cache/toy_data).
 _C.DATA.TOY_ROOT = ""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.datasets import IGNORED_LABEL
 from utils.amp import GradientStepper
 from utils.distributed import all_reduce_sum
 from utils.ema import ModelEma
@@ -219,27 +220,27 @@ def evaluate(
     amp_dtype: torch.dtype | None,
     logger: logging.Logger,
 ) -> dict:
-    """Top-1/top-5 and loss over the whole split: per-rank sums all-reduced, every image counted once."""
+    """Top-1/top-5 and loss over the whole split: per-rank sums all-reduced, every image counted once.
+
+    Stand-ins for unreadable images (label ``IGNORED_LABEL``, with DATA.SKIP_CORRUPT) are left out and counted
+    as ``num_skipped``.
+    """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images, skipped
     for samples, targets in loader:
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(samples)
-        outputs = outputs.float()
+        scored = targets != IGNORED_LABEL
+        outputs, targets = outputs[scored].float(), targets[scored]
         correct = accuracy_counts(outputs, targets, topk=(1, min(5, outputs.shape[1])))
-        totals += torch.stack(
-            [
-                correct[0].double(),
-                correct[1].double(),
-                criterion(outputs, targets).double(),
-                torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
-            ]
-        )
+        totals[:3] += torch.stack([correct[0], correct[1], criterion(outputs, targets)]).double()
+        totals[3] += targets.numel()
+        totals[4] += scored.numel() - targets.numel()
     all_reduce_sum(totals)
-    correct1, correct5, loss_sum, count = totals.tolist()
+    correct1, correct5, loss_sum, count, skipped = totals.tolist()
     count = max(count, 1.0)
     result = {
         "acc1": 100.0 * correct1 / count,
@@ -247,9 +248,11 @@ def evaluate(
         "loss": loss_sum / count,
         "num_images": int(totals[3].item()),
     }
+    if skipped:
+        result["num_skipped"] = int(skipped)
     logger.info(
         f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
-        f"on {result['num_images']} images"
+        f"on {result['num_images']} images" + (f" ({int(skipped)} unreadable, left out)" if skipped else "")
     )
     return result
 

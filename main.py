@@ -338,6 +338,11 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
     optimizer = build_optimizer(config, model_without_ddp)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     steps_per_epoch = len(data.loader_train) // accumulation
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"TRAIN.ACCUMULATION_STEPS {accumulation} is more than the {len(data.loader_train)} batches of an epoch: "
+            "not one optimizer step per epoch"
+        )
     base_lr, warmup_lr, min_lr = scale_learning_rates(config, dist_info.world_size)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
     amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, device)
@@ -397,7 +402,11 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
         logger.info(f"epoch {epoch}: acc1 {result['acc1']:.2f}% (max {max_accuracy:.2f}%)")
         if state.ema is not None:
             result_ema = evaluate(state.ema.module, data.loader_val, state.device, state.amp_dtype, logger)
-            result.update({f"{key}_ema": value for key, value in result_ema.items() if key != "num_images"})
+            result.update({f"{key}_ema": value for key, value in result_ema.items() if key.startswith(("acc", "loss"))})
+        if config.DATA.SKIP_CORRUPT:
+            skipped = result["num_skipped_train"] = data.dataset_train.num_skipped
+            if skipped:
+                logger.warning(f"{skipped} unreadable training images skipped so far by this process")
         # The row goes first: a kill between the two redoes the epoch, whose row resume then drops.
         trainer.metrics.log_epoch({"epoch": epoch, **train_stats, **result, "max_acc1": max_accuracy})
         periodic = (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS

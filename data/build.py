@@ -7,7 +7,6 @@ exactly once whatever the world size (``ShardedEvalSampler``, no padding, no dro
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from dataclasses import dataclass
@@ -18,13 +17,15 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
+from utils.logger import get_logger
+
 from .datasets import FolderDataset, ImageDataset, ZipDataset
 from .resumable import EpochSeededDataset, ResumableSampler
 from .samplers import ShardedEvalSampler, ShardedTrainSampler
 from .toy import toy_data_path
 from .transforms import build_mixup, build_transform
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DATASETS = ("imagenet", "toy")
 
@@ -72,8 +73,9 @@ def _build_split(is_train: bool, config: CfgNode, rank: int, world_size: int) ->
             config.DATA.CACHE_MODE,
             rank,
             world_size,
+            ignore_stand_ins=not is_train,
         )
-    return FolderDataset(os.path.join(root, split), transform, config.DATA.SKIP_CORRUPT)
+    return FolderDataset(os.path.join(root, split), transform, config.DATA.SKIP_CORRUPT, ignore_stand_ins=not is_train)
 
 
 def _check_num_classes(dataset: ImageDataset, config: CfgNode) -> None:
@@ -146,6 +148,11 @@ def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
     if mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
         raise ValueError(f"Mixup/CutMix need an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
     sampler_train = _train_sampler(config, dataset_train, rank, world_size)
+    if len(sampler_train) < config.DATA.BATCH_SIZE:
+        raise ValueError(
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each "
+            f"of the {world_size} processes gets ({len(dataset_train)} in all): not one full batch per epoch"
+        )
     sampler_val = ShardedEvalSampler(dataset_val, rank, world_size)
     logger.info(
         "data: %d train / %d val images, %d classes; rank %d of %d gets %d / %d",

@@ -2,13 +2,14 @@
 
 Both read images lazily and convert every mode (grayscale, CMYK, palette, RGBA, ...) to RGB. An image that
 cannot be decoded stops the run with an error that names the file, or, with ``skip_corrupt``, is replaced
-by the next readable sample, logged and counted (``num_skipped``, shared by all loader workers).
+by the next readable sample, logged and counted (``num_skipped``, shared by all loader workers). In an
+evaluation split (``ignore_stand_ins``) the replacement carries ``IGNORED_LABEL``, so it fills the batch
+without being scored twice.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterable
@@ -19,11 +20,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from utils.logger import get_logger
+
 from .samplers import shard_indices
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CACHE_MODES = ("no", "part", "full")
+# The label of a stand-in for an unreadable evaluation image: evaluation leaves such samples out (as
+# cross-entropy's default ignore_index does).
+IGNORED_LABEL = -100
 # What decoding a broken file (or a member missing from a zip) can raise.
 _UNREADABLE = (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
 
@@ -45,6 +51,7 @@ class ImageDataset(Dataset):
         num_classes: int,
         transform: Callable[[Image.Image], Any] | None,
         skip_corrupt: bool,
+        ignore_stand_ins: bool = False,
     ) -> None:
         self.samples = samples
         self.targets = [label for _, label in samples]
@@ -52,6 +59,7 @@ class ImageDataset(Dataset):
         self.num_classes = num_classes
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.ignore_stand_ins = ignore_stand_ins
         # One flag per sample in shared memory, so skips in loader workers are visible to the main process.
         self._skipped = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
@@ -78,7 +86,8 @@ class ImageDataset(Dataset):
             ) from err
 
     def _load_readable(self, index: int) -> tuple[Image.Image, int]:
-        """Sample ``index``, or with ``skip_corrupt`` the next readable one after it (wrapping around)."""
+        """Sample ``index``, or with ``skip_corrupt`` the next readable one after it (wrapping around), labelled
+        ``IGNORED_LABEL`` with ``ignore_stand_ins``."""
         if not self.skip_corrupt:
             return self.load_rgb(index), self.targets[index]
         for step in range(len(self)):
@@ -86,7 +95,8 @@ class ImageDataset(Dataset):
             if self._skipped[candidate]:
                 continue
             try:
-                return self.load_rgb(candidate), self.targets[candidate]
+                image = self.load_rgb(candidate)
+                return image, IGNORED_LABEL if step and self.ignore_stand_ins else self.targets[candidate]
             except CorruptImageError as err:
                 self._skipped[candidate] = True
                 logger.warning("skipping unreadable image: %s", err)
@@ -103,13 +113,17 @@ class FolderDataset(ImageDataset):
     """The ImageNet folder layout ``root/<class>/<image>``; labels index the sorted class folders."""
 
     def __init__(
-        self, root: str, transform: Callable[[Image.Image], Any] | None = None, skip_corrupt: bool = False
+        self,
+        root: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_corrupt: bool = False,
+        ignore_stand_ins: bool = False,
     ) -> None:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root} does not exist")
         classes, class_to_idx = find_classes(root)  # FileNotFoundError naming root when it has no class
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-        super().__init__(samples, classes, len(classes), transform, skip_corrupt)
+        super().__init__(samples, classes, len(classes), transform, skip_corrupt, ignore_stand_ins)
         self.root = root
 
     def _open(self, index: int) -> Image.Image:
@@ -162,12 +176,14 @@ class ZipDataset(ImageDataset):
         cache_mode: str = "no",
         rank: int = 0,
         world_size: int = 1,
+        ignore_stand_ins: bool = False,
     ) -> None:
         if not os.path.isfile(zip_path):
             raise FileNotFoundError(f"zip file {zip_path} does not exist")
         samples = read_map_file(map_path)
         labels = sorted({label for _, label in samples})
-        super().__init__(samples, [str(label) for label in labels], labels[-1] + 1, transform, skip_corrupt)
+        classes = [str(label) for label in labels]
+        super().__init__(samples, classes, labels[-1] + 1, transform, skip_corrupt, ignore_stand_ins)
         self.zip_path = zip_path
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1

@@ -14,7 +14,6 @@ poll for the completion marker inside it.
 from __future__ import annotations
 
 import colorsys
-import logging
 import os
 import shutil
 import socket
@@ -27,7 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from yacs.config import CfgNode
 
-logger = logging.getLogger(__name__)
+from utils.logger import get_logger
+
+logger = get_logger(__name__)
 
 # Bump when the images change, so caches of an older version are not reused.
 _FORMAT_VERSION = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import re
 import socket
@@ -33,7 +34,9 @@ from data import (
     ensure_toy_data,
     seed_worker,
 )
+from data.datasets import IGNORED_LABEL
 from data.toy import toy_dataset_dir, toy_root
+from engine import evaluate
 
 TOY_SIZE = 16
 TOY_TRAIN = 3
@@ -266,6 +269,14 @@ def test_folder_without_class_folders_is_named(tmp_path: Path) -> None:
         build_dataset(True, _config(DATA_PATH=str(tmp_path)))
 
 
+def test_batch_larger_than_a_process_share_of_the_train_set_is_named(tmp_path: Path) -> None:
+    root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])  # 4 training images
+    cfg = _config(DATA_PATH=str(root), BATCH_SIZE=4)
+    cfg.MODEL.NUM_CLASSES = 2
+    with pytest.raises(ValueError, match="BATCH_SIZE 4 is more than the 2 training images each of the 2 processes"):
+        build_loader(cfg, 0, 2)
+
+
 def test_train_and_val_classes_that_differ_are_named(tmp_path: Path) -> None:
     root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "cat"])
     cfg = _config(DATA_PATH=str(root))
@@ -306,6 +317,26 @@ def test_corrupt_image_is_skipped_and_counted(corrupt_set: tuple[Path, Path]) ->
     images = torch.cat([batch for batch, _ in loader])
     assert len(images) == len(dataset) == 4
     assert dataset.num_skipped == 1  # counted in a worker, seen by the main process
+
+
+def test_unreadable_val_image_is_left_out_of_evaluation(tmp_path: Path) -> None:
+    """In an evaluation split the readable neighbour standing in for an unreadable image is not scored: a model that
+    always answers 'ant' gets 2 of the 3 readable images right (2 of 4 if the stand-in counted)."""
+    root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])
+    corrupt = root / "val" / "bee" / "bee_0.JPEG"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    dataset = FolderDataset(str(root / "val"), transforms.ToTensor(), skip_corrupt=True, ignore_stand_ins=True)
+    index = [path for path, _ in dataset.samples].index(str(corrupt))
+    assert dataset[index][1] == IGNORED_LABEL and dataset[index - 1][1] == 0
+
+    class AlwaysAnt(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).expand(len(images), 2)
+
+    loader = DataLoader(dataset, batch_size=3)
+    result = evaluate(AlwaysAnt(), loader, torch.device("cpu"), None, logging.getLogger("test"))
+    assert result["num_images"] == 3 and result["num_skipped"] == 1
+    assert result["acc1"] == pytest.approx(200 / 3)
 
 
 def test_image_that_is_not_an_image_is_named(tmp_path: Path) -> None:
