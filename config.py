@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 from typing import Any
 
 import yaml
@@ -258,10 +259,29 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# Keys whose default is None (unset): the type a set value takes, and the values that mean unset.
+_OPTIONAL_KEYS = {
+    "MODEL.FOCAL.QK_SCALE": (0.0, (None, False)),  # the released configs write False
+    "AUG.CUTMIX_MINMAX": ([0.0], (None,)),
+}
+# Text keys that take one of a few names (the auto-augment policy is checked by ``_check_auto_augment``).
+_CHOICES = {
+    "DATA.INTERPOLATION": ("random", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"),
+    "AUG.REMODE": ("pixel", "rand", "const"),
+    "AUG.MIXUP_MODE": ("batch", "pair", "elem"),
+}
+# timm's policy strings: a policy name, then '-'-separated sections of a key and a number (RandAugment also takes
+# 't<transforms>'); timm itself refuses unknown keys when the transform is built.
+_AUTO_AUGMENT = re.compile(r"(rand|augmix|original|originalr|v0|v0r|3a)(-([a-z]+\d[\d.]*|t\w+))*")
+
+
 def _coerce(value: Any, default: Any, full_key: str) -> Any:
     """Return ``value`` converted to the type of ``default``; raise ConfigError when impossible."""
     if default is None:
-        return value
+        kind, unset = _OPTIONAL_KEYS.get(full_key, (None, ()))
+        if kind is None or any(value is u for u in unset):
+            return value
+        return _coerce(value, kind, full_key)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -353,6 +373,26 @@ def merge_opts(config: CN, opts: list[str]) -> None:
     config.freeze()
 
 
+def _check_values(config: CN) -> None:
+    """Refuse values that have the right type but mean nothing (each would fail, or be ignored, much later)."""
+    for key, names in _CHOICES.items():
+        section, leaf = key.split(".")
+        if config[section][leaf] not in names:
+            raise ConfigError(f"{key} must be one of {names}, got {config[section][leaf]!r}")
+    policy = config.AUG.AUTO_AUGMENT
+    if policy not in ("", "none") and not _AUTO_AUGMENT.fullmatch(policy):
+        raise ConfigError(
+            f"AUG.AUTO_AUGMENT {policy!r} is not a timm policy: '' or 'none', or rand / augmix / original / v0 "
+            "followed by -<key><number> sections, e.g. 'rand-m9-mstd0.5-inc1'"
+        )
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not (len(minmax) == 2 and 0.0 < minmax[0] < minmax[1] <= 1.0):
+        raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] with 0 < min < max <= 1, got {minmax}")
+    accumulation = config.TRAIN.ACCUMULATION_STEPS
+    if accumulation < 0:
+        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS must be >= 0 (0 and 1: no accumulation), got {accumulation}")
+
+
 def get_default_config() -> CN:
     """A fresh copy of the defaults."""
     return _C.clone()
@@ -402,6 +442,7 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
             config.AMP_DTYPE = _amp_from_opt_level(args.amp_opt_level)
     if getattr(args, "eval", False):
         config.EVAL_MODE = True
+    _check_values(config)
     if config.EVAL_MODE and not config.MODEL.RESUME:
         raise ConfigError("--eval evaluates the checkpoint given by --resume (MODEL.RESUME), and none was given")
     if getattr(args, "throughput", False):

@@ -88,7 +88,9 @@ class StrictArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = StrictArgumentParser("focal", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--cfg", required=True, metavar="FILE", help="path to a config file")
-    parser.add_argument("--opts", nargs="+", default=None, help="config overrides as KEY VALUE pairs")
+    parser.add_argument(
+        "--opts", nargs="+", action="extend", default=None, help="config overrides as KEY VALUE pairs (repeatable)"
+    )
     parser.add_argument("--batch-size", type=int, help="batch size per process")
     parser.add_argument("--data-path", type=str, help="dataset root")
     parser.add_argument("--zip", action="store_true", help="read the zip layout (train.zip + train_map.txt)")

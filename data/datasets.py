@@ -122,7 +122,10 @@ class FolderDataset(ImageDataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root} does not exist")
         classes, class_to_idx = find_classes(root)  # FileNotFoundError naming root when it has no class
-        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        try:
+            samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as error:  # a class folder without images: torchvision names the class only
+            raise FileNotFoundError(f"image folder {root}: {error}") from None
         super().__init__(samples, classes, len(classes), transform, skip_corrupt, ignore_stand_ins)
         self.root = root
 

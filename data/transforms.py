@@ -52,16 +52,19 @@ def _train_transform(config: CfgNode) -> transforms.Compose:
     """timm's ImageNet training pipeline (random resized crop, flip, RandAugment, random erasing)."""
     aug = config.AUG
     size = config.DATA.IMG_SIZE
-    transform = create_transform(
-        input_size=size,
-        is_training=True,
-        color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
-        auto_augment=_optional(aug.AUTO_AUGMENT),
-        re_prob=aug.REPROB,
-        re_mode=aug.REMODE,
-        re_count=aug.RECOUNT,
-        interpolation=config.DATA.INTERPOLATION,
-    )
+    try:
+        transform = create_transform(
+            input_size=size,
+            is_training=True,
+            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+            auto_augment=_optional(aug.AUTO_AUGMENT),
+            re_prob=aug.REPROB,
+            re_mode=aug.REMODE,
+            re_count=aug.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION,
+        )
+    except AssertionError as error:  # timm's policy parsers assert on a section they do not know
+        raise ValueError(f"timm cannot build AUG.AUTO_AUGMENT {aug.AUTO_AUGMENT!r}: {error}") from None
     for op in _augment_ops(transform):
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize

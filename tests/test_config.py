@@ -11,6 +11,7 @@ import pytest
 
 import config
 from config import ConfigError, get_config
+from main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -236,6 +237,47 @@ def test_exponent_floats_without_dot_are_accepted(tmp_path):
     assert cfg.TRAIN.MIN_LR == pytest.approx(1e-5)
     assert cfg.TRAIN.WARMUP_LR == pytest.approx(5e-7)
     assert isinstance(cfg.TRAIN.BASE_LR, float)
+
+
+def test_optional_keys_take_their_type_when_set(tmp_path):
+    """Keys whose default is None still check what they are given: QK_SCALE a number (the released False means
+    unset), CUTMIX_MINMAX a pair of numbers."""
+    assert get_config(make_args(opts=["MODEL.FOCAL.QK_SCALE", "1e-1"])).MODEL.FOCAL.QK_SCALE == pytest.approx(0.1)
+    released = write(tmp_path / "released.yaml", "MODEL:\n  FOCAL:\n    QK_SCALE: False\n")
+    assert get_config(make_args(released)).MODEL.FOCAL.QK_SCALE is False
+    assert get_config(make_args(opts=["AUG.CUTMIX_MINMAX", "[0.2, 0.8]"])).AUG.CUTMIX_MINMAX == [0.2, 0.8]
+    with pytest.raises(ConfigError, match=r"MODEL\.FOCAL\.QK_SCALE expects float, got str 'abc'"):
+        get_config(make_args(opts=["MODEL.FOCAL.QK_SCALE", "abc"]))
+    with pytest.raises(ConfigError, match=r"AUG\.CUTMIX_MINMAX expects list"):
+        get_config(make_args(opts=["AUG.CUTMIX_MINMAX", "foo"]))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("DATA.INTERPOLATION", "foo", r"DATA\.INTERPOLATION must be one of"),
+        ("AUG.REMODE", "foo", r"AUG\.REMODE must be one of"),
+        ("AUG.MIXUP_MODE", "foo", r"AUG\.MIXUP_MODE must be one of"),
+        ("AUG.AUTO_AUGMENT", "rnd-m9", r"AUG\.AUTO_AUGMENT 'rnd-m9' is not a timm policy"),
+        ("AUG.AUTO_AUGMENT", "rand-foo", r"AUG\.AUTO_AUGMENT 'rand-foo' is not a timm policy"),
+        ("AUG.CUTMIX_MINMAX", "[0.5]", r"AUG\.CUTMIX_MINMAX must be None or \[min, max\]"),
+        ("TRAIN.ACCUMULATION_STEPS", "-1", r"TRAIN\.ACCUMULATION_STEPS must be >= 0"),
+    ],
+)
+def test_values_that_mean_nothing_are_refused(key, value, message):
+    """Each of these used to fail deep in timm with a bare assertion, or to be ignored."""
+    with pytest.raises(ConfigError, match=message):
+        get_config(make_args(opts=[key, value]))
+
+
+@pytest.mark.parametrize("policy", ["", "none", "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original-mstd0.5", "v0"])
+def test_timm_auto_augment_policies_are_accepted(policy):
+    assert get_config(make_args(opts=["AUG.AUTO_AUGMENT", policy])).AUG.AUTO_AUGMENT == policy
+
+
+def test_repeated_opts_flags_all_apply():
+    args = build_parser().parse_args(["--cfg", "c.yaml", "--opts", "TRAIN.EPOCHS", "1", "--opts", "SEED", "3"])
+    assert args.opts == ["TRAIN.EPOCHS", "1", "SEED", "3"]
 
 
 def test_int_is_accepted_for_a_float_key():

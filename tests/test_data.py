@@ -339,6 +339,20 @@ def test_unreadable_val_image_is_left_out_of_evaluation(tmp_path: Path) -> None:
     assert result["acc1"] == pytest.approx(200 / 3)
 
 
+def test_class_folder_without_images_names_the_split(tmp_path: Path) -> None:
+    root = _make_folder_set(tmp_path, train=["ant"], val=["ant"])
+    (root / "val" / "fish").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image folder {root / 'val'}: ") + ".*fish"):
+        FolderDataset(str(root / "val"))
+
+
+def test_auto_augment_section_timm_does_not_know_is_named() -> None:
+    cfg = _config()
+    cfg.AUG.AUTO_AUGMENT = "rand-m9-xyz3"
+    with pytest.raises(ValueError, match="timm cannot build AUG.AUTO_AUGMENT 'rand-m9-xyz3'"):
+        build_transform(True, cfg)
+
+
 def test_image_that_is_not_an_image_is_named(tmp_path: Path) -> None:
     (tmp_path / "ant").mkdir()
     (tmp_path / "ant" / "notes.JPEG").write_text("not an image")
