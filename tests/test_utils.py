@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -474,3 +475,15 @@ def test_disabled_metrics_writer_creates_nothing(tmp_path):
     writer.add_scalars(0, {"train/loss": 1.0})
     writer.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_installable_modules_are_every_runtime_module():
+    """`pip install -e .` installs what pyproject lists: every top-level package and module the code imports at
+    run time (tests/ and tools/ run from the repository)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    repo = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {path.parent.name for path in repo.glob("*/__init__.py")} - {"tests", "tools"}
+    modules = {path.stem for path in repo.glob("*.py")}
+    assert set(setuptools["packages"]) == packages
+    assert set(setuptools["py-modules"]) == modules
