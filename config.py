@@ -264,7 +264,7 @@ _OPTIONAL_KEYS = {
     "MODEL.FOCAL.QK_SCALE": (0.0, (None, False)),  # the released configs write False
     "AUG.CUTMIX_MINMAX": ([0.0], (None,)),
 }
-# Text keys that take one of a few names (the auto-augment policy is checked by ``_check_auto_augment``).
+# Text keys that take one of a few names (``_check_values`` also checks the auto-augment policy's shape).
 _CHOICES = {
     "DATA.INTERPOLATION": ("random", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"),
     "AUG.REMODE": ("pixel", "rand", "const"),
