@@ -232,7 +232,8 @@ _C.SAVE_FREQ = 1
 _C.SAVE_KEEP = 3
 # Log every PRINT_FREQ steps.
 _C.PRINT_FREQ = 10
-# Random seed (offset by the rank for data augmentation).
+# Random seed: the data order and each image's augmentation derive from it (data/resumable.py); each process
+# seeds its global generators with SEED + rank.
 _C.SEED = 0
 # Keep an exponential moving average of the weights (evaluated and checkpointed beside the model).
 _C.MODEL_EMA = False
@@ -406,6 +407,7 @@ def _amp_from_opt_level(level: str) -> str:
 _FLAG_KEYS = {
     "batch_size": "DATA.BATCH_SIZE",
     "data_path": "DATA.DATA_PATH",
+    "dataset": "DATA.DATASET",
     "cache_mode": "DATA.CACHE_MODE",
     "pretrained": "MODEL.PRETRAINED",
     "resume": "MODEL.RESUME",

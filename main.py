@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, help="batch size per process")
     parser.add_argument("--data-path", type=str, help="dataset root")
+    parser.add_argument("--dataset", choices=["imagenet", "toy"], help="DATA.DATASET (released flag)")
     parser.add_argument("--zip", action="store_true", help="read the zip layout (train.zip + train_map.txt)")
     parser.add_argument("--cache-mode", choices=["no", "part", "full"], help="zip-mode caching")
     parser.add_argument("--pretrained", help="checkpoint to fine-tune from (weights only)")

@@ -275,6 +275,11 @@ def test_timm_auto_augment_policies_are_accepted(policy):
     assert get_config(make_args(opts=["AUG.AUTO_AUGMENT", policy])).AUG.AUTO_AUGMENT == policy
 
 
+def test_released_dataset_flag_sets_the_dataset():
+    args = build_parser().parse_args(["--cfg", str(CONFIG_DIR / "demo.yaml"), "--dataset", "imagenet"])
+    assert get_config(args).DATA.DATASET == "imagenet"
+
+
 def test_repeated_opts_flags_all_apply():
     args = build_parser().parse_args(["--cfg", "c.yaml", "--opts", "TRAIN.EPOCHS", "1", "--opts", "SEED", "3"])
     assert args.opts == ["TRAIN.EPOCHS", "1", "SEED", "3"]
