@@ -264,7 +264,7 @@ def _attention_forward(
     """Attended map (B, Hp, Wp, C) in qkv's dtype, and the fp32 log-sum-exp of every query (B, Hp, Wp, nH)."""
     qkv, pooled_kv, key_index, bias = _contiguous(qkv, pooled_kv, key_index, bias)
     B, Hp, Wp, C3 = qkv.shape
-    out, lse = _attention_forward_fake(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
+    out, lse = _forward_outputs(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
     windows = (Hp // window_size) * (Wp // window_size)
     with _launching_on(qkv):
         _forward_kernel[(windows * num_heads, B)](
@@ -276,7 +276,8 @@ def _attention_forward(
 
 
 @_attention_forward.register_fake
-def _attention_forward_fake(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
+def _forward_outputs(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads):
+    """The forward's outputs, unwritten: what tracing sees (the fake version), and what the kernel fills in."""
     B, Hp, Wp, C3 = qkv.shape
     return qkv.new_empty(B, Hp, Wp, C3 // 3), qkv.new_empty(B, Hp, Wp, num_heads, dtype=torch.float32)
 
