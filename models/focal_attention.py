@@ -475,47 +475,54 @@ class FocalWindowAttention(KeyIndexedAttention):
         n_pooled_keys = sum(pooled_window_size(focal_window, k) ** 2 for k in range(num_pooled_levels))
         columns = merged_key_columns(window_size, expand_size, n_pooled_keys)  # (N', m <= 2)
         self.register_buffer("merged_columns", columns[:, 0].contiguous(), persistent=False)
-        self.register_buffer("merged_bias_index", bias_index[:, columns[:, 0]], persistent=False)  # (ws^2, N')
+        self.register_buffer("merged_bias_index", bias_index[..., columns[:, 0]], persistent=False)  # (nH, ws^2, N')
         # Merged keys that read two released columns (a ring token is in at most two rolled groups).
         repeated = (columns[:, -1] >= 0).nonzero()[:, 0] if columns.shape[1] == 2 else columns.new_zeros(0)
         self.register_buffer("repeated_keys", repeated, persistent=False)
-        self.register_buffer("repeated_bias_index", bias_index[:, columns[repeated, -1]], persistent=False)
+        self.register_buffer("repeated_bias_index", bias_index[..., columns[repeated, -1]], persistent=False)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _build_bias_index(self) -> torch.Tensor:
-        """(ws^2, N) index of every (query, key slot) bias into the concatenation of all bias tables.
+        """(nH, ws^2, N) index of every (head, query, key slot) bias into ``_flat_bias_tables()``.
 
-        Tables are concatenated heads-first: in-window table (transposed), the dense ring table, then the
-        pooled tables, so ``merged_position_bias`` reads them with one gather (and one more for the repeated keys).
+        Each table is read in its own storage order (the in-window table is (entries, nH), the others
+        heads-first), so ``merged_position_bias`` reads them all with one gather (and one more for the
+        repeated keys).
         """
-        ws, ws2 = self.window_size, self.window_size**2
-        parts = [relative_position_index(ws, ws)]
-        offset = (2 * ws - 1) ** 2
+        ws, ws2, nH = self.window_size, self.window_size**2, self.num_heads
+        heads = torch.arange(nH)[:, None, None]  # (nH, 1, 1)
+        parts = [relative_position_index(ws, ws)[None] * nH + heads]  # table (entries, nH)
+        offset = (2 * ws - 1) ** 2 * nH
         if self.expand_size > 0:
             n_ring = ring_size(ws, self.expand_size)
-            parts.append(offset + torch.arange(ws2 * n_ring).view(ws2, n_ring))
-            offset += ws2 * n_ring
+            parts.append(offset + torch.arange(nH * ws2 * n_ring).view(nH, ws2, n_ring))  # table (1, nH, ws^2, n_ring)
+            offset += nH * ws2 * n_ring
         for k in range(self.num_pooled_levels):
             size = pooled_window_size(self.focal_window, k)
-            parts.append(offset + relative_position_index(ws, size))
-            offset += (ws + size - 1) ** 2
-        return torch.cat(parts, 1)
+            entries = (ws + size - 1) ** 2
+            parts.append(offset + heads * entries + relative_position_index(ws, size)[None])  # table (nH, entries)
+            offset += nH * entries
+        return torch.cat(parts, 2)
 
-    def _bias_tables(self) -> torch.Tensor:
-        """All bias tables concatenated heads-first: (nH, total entries)."""
-        ring = [self.relative_position_bias_table_to_neighbors.flatten(2)[0]] if self.expand_size > 0 else []
-        pooled = [self.relative_position_bias_table_to_windows[k] for k in range(self.num_pooled_levels)]
-        return torch.cat([self.relative_position_bias_table.t(), *ring, *pooled], 1)
+    def _flat_bias_tables(self) -> torch.Tensor:
+        """All bias tables flattened in storage order and concatenated: (total entries,).
+
+        Flattening (not transposing) keeps each table's gradient a contiguous slice laid out like the table,
+        as DDP's gradient buckets expect (no stride warning, no copy per step).
+        """
+        ring = [self.relative_position_bias_table_to_neighbors] if self.expand_size > 0 else []
+        tables = [self.relative_position_bias_table, *ring, *self.relative_position_bias_table_to_windows]
+        return torch.cat([table.reshape(-1) for table in tables])
 
     def merged_position_bias(self) -> torch.Tensor:
         """Bias of every query to every merged key (repeated ring keys log-sum-exp'ed): (nH, ws^2, N')."""
-        tables = self._bias_tables()
-        bias = tables[:, self.merged_bias_index]
+        tables = self._flat_bias_tables()
+        bias = tables[self.merged_bias_index]  # (nH, ws^2, N')
         if self.repeated_keys.numel():
-            repeated = tables[:, self.repeated_bias_index]  # (nH, ws^2, n_repeated)
+            repeated = tables[self.repeated_bias_index]  # (nH, ws^2, n_repeated)
             merged = torch.logaddexp(bias.index_select(2, self.repeated_keys), repeated)
             bias = bias.index_copy(2, self.repeated_keys, merged)
         return bias
