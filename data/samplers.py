@@ -7,6 +7,11 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
+from utils.seeding import derive_seed
+
+# First key part of the shard shuffle's seeds; utils.seeding's streams (samples, steps) use 0 and 1.
+SHARD_SHUFFLE_STREAM = 2
+
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
     """The indices rank ``rank`` owns: ``rank::world_size`` (the shards of all ranks partition the data)."""
@@ -37,12 +42,17 @@ class ShardedTrainSampler(Sampler[int]):
 
     Used with DATA.CACHE_MODE 'part', where each rank holds only the bytes of its shard in memory.
     Every rank yields ``len(dataset) // world_size`` indices, so all ranks run the same number of steps.
-    The order depends only on ``seed`` and the epoch (``set_epoch``), so runs are reproducible and resumable.
+    The order is a function of (``seed``, epoch, ``rank``) alone, so runs are reproducible and resumable.
+    The rank is part of the seed, as in the released trainer (which seeds each process with SEED + rank):
+    with one permutation for all ranks, rank r would read the (r + 1)-th image of the data at every step
+    where rank r - 1 reads the r-th, and on a class-sorted zip map (ImageNet's is) every step's batches
+    would hold the same classes on all ranks.
     """
 
     def __init__(self, dataset: Sized, rank: int, world_size: int, seed: int = 0) -> None:
         self.indices = shard_indices(len(dataset), rank, world_size)
         self.num_samples = len(dataset) // world_size
+        self.rank = rank
         self.seed = seed
         self.epoch = 0
 
@@ -52,7 +62,7 @@ class ShardedTrainSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed(derive_seed(SHARD_SHUFFLE_STREAM, self.seed, self.epoch, self.rank))
         order = torch.randperm(len(self.indices), generator=generator)[: self.num_samples]
         return iter([self.indices[i] for i in order.tolist()])
 

@@ -35,6 +35,7 @@ from data import (
     seed_worker,
 )
 from data.datasets import IGNORED_LABEL
+from data.resumable import ResumableSampler
 from data.toy import toy_dataset_dir, toy_root
 from engine import evaluate
 
@@ -462,6 +463,70 @@ def test_sharded_train_sampler_shuffles_the_shard_per_epoch() -> None:
     for sampler in samplers:
         sampler.set_epoch(1)
     assert epoch0 != [list(sampler) for sampler in samplers]
+
+
+def _shard_positions(sampler: ShardedTrainSampler, world_size: int) -> list[int]:
+    """The sampler's order as positions within its shard (index // world_size)."""
+    return [index // world_size for index in sampler]
+
+
+def test_sharded_train_sampler_shuffles_each_rank_independently() -> None:
+    """Regression: every rank drew the same permutation of its shard (seed + epoch), so at each step rank r read
+    the image next to rank r - 1's; on a class-sorted map both ranks then trained on the same classes."""
+    labels = [i // 4 for i in range(40)]  # class-sorted, 4 images per class, like an ImageNet map
+    for epoch in range(3):
+        samplers = [ShardedTrainSampler(labels, rank, 2, seed=7) for rank in range(2)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        assert _shard_positions(samplers[0], 2) != _shard_positions(samplers[1], 2)
+        pairs = list(zip(*[[labels[i] for i in sampler] for sampler in samplers]))
+        same_class = sum(a == b for a, b in pairs)
+        assert same_class < len(pairs) // 2, f"epoch {epoch}: {same_class} of {len(pairs)} steps share a class"
+
+
+def test_sharded_train_sampler_order_is_a_function_of_seed_epoch_and_rank() -> None:
+    def order(seed: int, epoch: int, rank: int) -> list[int]:
+        sampler = ShardedTrainSampler(range(40), rank, 2, seed=seed)
+        sampler.set_epoch(epoch)
+        return _shard_positions(sampler, 2)
+
+    reference = order(3, 1, 0)
+    assert order(3, 1, 0) == reference  # a fresh sampler (a new process) draws the same order
+    assert sorted(reference) == list(range(20))
+    assert all(other != reference for other in (order(4, 1, 0), order(3, 2, 0), order(3, 1, 1)))
+
+
+def test_part_cache_resume_mid_epoch_continues_the_same_order() -> None:
+    """A run resumed at a position of an epoch (a fresh sampler, set_epoch(epoch, start)) reads the rest of the
+    order an uninterrupted run (one sampler through every epoch) reads."""
+    for rank in range(2):
+        uninterrupted = ResumableSampler(ShardedTrainSampler(range(41), rank, 2, seed=11))
+        for epoch in range(3):
+            uninterrupted.set_epoch(epoch)
+            full = list(uninterrupted)
+        resumed = ResumableSampler(ShardedTrainSampler(range(41), rank, 2, seed=11))
+        resumed.set_epoch(2, start=6)
+        assert len(resumed) == len(full) - 6 == 14
+        assert list(resumed) == full[6:]
+        assert all(epoch == 2 for epoch, _ in full)
+
+
+def test_part_cache_ranks_train_on_different_classes_at_each_step(tmp_path: Path) -> None:
+    """build_loader on a class-sorted zip map (DATA.CACHE_MODE part, two ranks): the steps' classes differ."""
+    toy = ensure_toy_data(tmp_path / "toy", TOY_SIZE, 4, 1)
+    for split in ("train", "val"):
+        _zip_split(FolderDataset(str(toy / split)), tmp_path, split)
+    cfg = _config(DATA_PATH=str(tmp_path), ZIP_MODE=True, CACHE_MODE="part")
+    bundles = [build_loader(cfg, rank, 2) for rank in range(2)]
+    targets = bundles[0].dataset_train.targets
+    assert targets == sorted(targets)
+    for epoch in range(2):
+        classes = []
+        for bundle in bundles:
+            bundle.sampler_train.set_epoch(epoch)
+            classes.append([targets[index] for index in bundle.sampler_train])
+        same_class = sum(a == b for a, b in zip(*classes))
+        assert same_class < len(classes[0]) // 2, f"epoch {epoch}: {same_class} of {len(classes[0])} steps"
 
 
 def test_part_cache_trains_on_the_cached_shard(zip_dir: Path) -> None:
