@@ -1,4 +1,4 @@
-"""Convert a checkpoint to safetensors: the model's state dict, with a JSON sidecar for the rest.
+"""Convert a checkpoint to safetensors: the model's (and its EMA's) state dict, with a JSON sidecar for the rest.
 
     python tools/convert_checkpoint.py output/focal_demo_patch2_window4_32/default/best.pth
     python tools/convert_checkpoint.py focal-tiny-is.pth --output exported/focal_tiny.safetensors
@@ -6,6 +6,10 @@
 A safetensors file holds only tensors and loads without unpickling anything, so it is the format to
 share weights in. The sidecar (``<name>.json`` next to ``<name>.safetensors``) keeps what else matters
 for using the weights: the config (YAML text) and the training position (epoch, step, best accuracy).
+A checkpoint trained with MODEL_EMA keeps its EMA weights in the same file under the key prefix
+``model_ema.``; ``load_checkpoint_file`` returns them as ``model_ema`` beside ``model``, so
+``--eval --opts EVAL_EMA True`` evaluates them (with ``safetensors.torch.load_file`` drop the prefixed keys
+to get the model alone).
 Optimizer and RNG states are left out: a safetensors file is for evaluation and fine-tuning, not for
 resuming. ``main.py --eval --resume`` and ``--pretrained`` read the result (through
 ``utils.checkpoint.load_checkpoint_file``). The input is loaded safely (weights only) as well.
@@ -26,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.finetune import unwrap_state_dict  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
+    SAFETENSORS_EMA_PREFIX,
     CheckpointError,
     load_checkpoint_file,
     safetensors_sidecar_path,
@@ -46,6 +51,16 @@ def model_tensors(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").clone().contiguous() for key, value in state_dict.items()}
 
 
+def ema_tensors(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The EMA state dict of ``checkpoint`` (``{'model_ema': {'model': ...}}``) under the EMA key prefix; {} if none."""
+    ema = checkpoint.get("model_ema")
+    if ema is None:
+        return {}
+    if not isinstance(ema, Mapping):
+        raise ValueError(f"the checkpoint's model_ema is a {type(ema).__name__}, not a state dict")
+    return {SAFETENSORS_EMA_PREFIX + key: value for key, value in model_tensors(ema).items()}
+
+
 def sidecar(checkpoint: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The JSON-able description of the weights: where they came from, the config and the position."""
     record: dict[str, Any] = {"source": source}
@@ -63,7 +78,7 @@ def convert(source: Path, output: Path) -> tuple[Path, Path]:
     checkpoint = load_checkpoint_file(str(source))
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {source} holds a {type(checkpoint).__name__}, not a dict of tensors")
-    tensors = model_tensors(checkpoint)
+    tensors = {**model_tensors(checkpoint), **ema_tensors(checkpoint)}
     output.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(str(output), safetensors_bytes(tensors, metadata={"format": "pt"}))
     sidecar_path = Path(safetensors_sidecar_path(str(output)))

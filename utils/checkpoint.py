@@ -9,7 +9,8 @@
 * ``CheckpointManager`` keeps the newest periodic checkpoints plus ``last.pth`` and ``best.pth``, and
   finds the newest one that still loads when resuming.
 * ``.safetensors`` files (a model state dict, written by ``tools/convert_checkpoint.py``, with an
-  optional JSON sidecar holding the config and epoch) load through the same function.
+  optional JSON sidecar holding the config and epoch) load through the same function. EMA weights in
+  the same file carry the prefix ``model_ema.`` and load as ``{'model_ema': {'model': state_dict}}``.
 * RNG state is captured as tensors and Python scalars only, so it loads under ``weights_only`` too.
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CorruptCheckpointError",
+    "SAFETENSORS_EMA_PREFIX",
     "UnsafeCheckpointError",
     "capture_rng_state",
     "load_checkpoint_file",
@@ -57,6 +59,8 @@ _TEMP_SUFFIX = ".tmp"
 # Temporary files of checkpoints being written by _write_atomically: ".<name>.pth.<32 hex digits>.tmp".
 _TEMP_PATTERN = re.compile(r"\..+\.pth\.[0-9a-f]{32}\.tmp")
 _SAFETENSORS_SUFFIX = ".safetensors"
+# Keys of a .safetensors file that hold the EMA weights (tools/convert_checkpoint.py writes them).
+SAFETENSORS_EMA_PREFIX = "model_ema."
 
 
 class CheckpointError(RuntimeError):
@@ -185,7 +189,8 @@ def safetensors_sidecar_path(path: str) -> str:
 
 
 def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
-    """``{'model': state_dict}`` from a safetensors file, plus the entries of its JSON sidecar if any."""
+    """``{'model': state_dict}`` from a safetensors file, plus ``'model_ema'`` when it holds EMA weights and
+    the entries of its JSON sidecar if any."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -207,7 +212,11 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
         if not isinstance(metadata, dict):
             raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} must hold a JSON object")
         checkpoint.update(metadata)
-    checkpoint["model"] = state_dict
+    prefix = SAFETENSORS_EMA_PREFIX
+    checkpoint["model"] = {key: value for key, value in state_dict.items() if not key.startswith(prefix)}
+    ema = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    if ema:
+        checkpoint["model_ema"] = {"model": ema}
     return checkpoint
 
 
