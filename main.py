@@ -423,7 +423,7 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
 def evaluate_checkpoint(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger) -> None:
     """--eval: load MODEL.RESUME (before reading any data, so a bad file fails fast), evaluate, save results."""
     load_model_weights(model, config.MODEL.RESUME, logger, ema=config.EVAL_EMA)
-    data = build_loader(config, dist_info.rank, dist_info.world_size)
+    data = build_loader(config, dist_info.rank, dist_info.world_size, train=False)  # the val split alone
     amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, dist_info.device)
     result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger)
     if dist_info.rank == 0:

@@ -3,6 +3,8 @@
 Training order comes from ``DistributedSampler(shuffle=True, seed=SEED)`` even on one process, so it is
 reproducible and resumable with ``set_epoch``. Evaluation is exact: every validation image is counted
 exactly once whatever the world size (``ShardedEvalSampler``, no padding, no dropped last batch).
+``build_loader(..., train=False)`` reads the validation split alone (``--eval``), so evaluating a checkpoint
+needs neither the training images nor time to cache them.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ DATASETS = ("imagenet", "toy")
 
 @dataclass
 class DataBundle:
-    """Everything the trainer needs from the data side."""
+    """Everything the trainer needs from the data side; the training fields are None when evaluating only."""
 
-    dataset_train: ImageDataset
     dataset_val: ImageDataset
-    loader_train: DataLoader
     loader_val: DataLoader
-    sampler_train: DistributedSampler | ShardedTrainSampler  # call set_epoch(epoch) every epoch
-    mixup_fn: Mixup | None
     num_classes: int
+    dataset_train: ImageDataset | None = None
+    loader_train: DataLoader | None = None
+    sampler_train: DistributedSampler | ShardedTrainSampler | None = None  # call set_epoch(epoch) every epoch
+    mixup_fn: Mixup | None = None
 
 
 def _data_root(config: CfgNode) -> str:
@@ -138,8 +140,19 @@ def _loader(config: CfgNode, dataset: ImageDataset, sampler: Sampler, drop_last:
     )
 
 
-def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
-    """Both splits with their samplers and loaders for process ``rank`` of ``world_size``, and Mixup."""
+def _val_loader(config: CfgNode, dataset_val: ImageDataset, rank: int, world_size: int) -> DataLoader:
+    return _loader(config, dataset_val, ShardedEvalSampler(dataset_val, rank, world_size), drop_last=False)
+
+
+def build_loader(config: CfgNode, rank: int, world_size: int, train: bool = True) -> DataBundle:
+    """The splits with their samplers and loaders for process ``rank`` of ``world_size``, and Mixup.
+
+    With ``train=False`` only the validation split is read (the training fields of the bundle are None).
+    """
+    if not train:
+        dataset_val, num_classes = build_dataset(False, config, rank, world_size)
+        logger.info("data: %d val images, %d classes (evaluation only)", len(dataset_val), num_classes)
+        return DataBundle(dataset_val, _val_loader(config, dataset_val, rank, world_size), num_classes)
     dataset_train = _build_split(True, config, rank, world_size)
     dataset_val = _build_split(False, config, rank, world_size)
     _check_same_classes(dataset_train, dataset_val)
@@ -153,7 +166,7 @@ def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each "
             f"of the {world_size} processes gets ({len(dataset_train)} in all): not one full batch per epoch"
         )
-    sampler_val = ShardedEvalSampler(dataset_val, rank, world_size)
+    loader_val = _val_loader(config, dataset_val, rank, world_size)
     logger.info(
         "data: %d train / %d val images, %d classes; rank %d of %d gets %d / %d",
         len(dataset_train),
@@ -162,17 +175,17 @@ def build_loader(config: CfgNode, rank: int, world_size: int) -> DataBundle:
         rank,
         world_size,
         len(sampler_train),
-        len(sampler_val),
+        len(loader_val.sampler),
     )
     return DataBundle(
-        dataset_train=dataset_train,
         dataset_val=dataset_val,
+        loader_val=loader_val,
+        num_classes=dataset_train.num_classes,
+        dataset_train=dataset_train,
         # batches depend only on (SEED, epoch, position): see resumable.py
         loader_train=_loader(
             config, EpochSeededDataset(dataset_train, config.SEED), ResumableSampler(sampler_train), drop_last=True
         ),
-        loader_val=_loader(config, dataset_val, sampler_val, drop_last=False),
         sampler_train=sampler_train,
         mixup_fn=mixup_fn,
-        num_classes=dataset_train.num_classes,
     )
