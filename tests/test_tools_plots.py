@@ -150,3 +150,44 @@ def test_visualize_attention_cli_with_config_and_checkpoint(tmp_path):
     results = visualize_attention.main(args)
     assert results[0].map_size == (12, 12)
     assert all((tmp_path / "named" / f"stage{i}.png").is_file() for i in range(4))
+
+
+def _visualize_error(capsys, args: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of visualize_attention's command line when it refuses its input."""
+    with pytest.raises(SystemExit) as exit_:
+        visualize_attention.main(args)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("visualize_attention: error: "), err
+    return exit_.value.code, err
+
+
+@pytest.fixture
+def tiny_cli(tmp_path) -> list[str]:
+    """Command-line arguments for the tiny model at 48 px, a valid query and an output folder."""
+    args = ["--model", "focal_tiny_patch4_window7_224", "--model-args", json.dumps(dict(TINY, img_size=48))]
+    return args + ["--query", "30", "7", "--out", str(tmp_path / "out")]
+
+
+def test_visualize_attention_names_a_checkpoint_of_another_model(tmp_path, capsys, tiny_cli):
+    checkpoint = tmp_path / "other.pth"
+    torch.save({"model": tiny_model(embed_dim=8, num_heads=(1, 1, 2, 2)).state_dict()}, checkpoint)
+    status, err = _visualize_error(capsys, [*tiny_cli, "--checkpoint", str(checkpoint)])
+    assert status == 1
+    assert f"checkpoint {checkpoint} is not of this model" in err and "patch_embed.proj.weight (8, 3, 4, 4)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_visualize_attention_names_a_missing_image(tmp_path, capsys, tiny_cli):
+    status, err = _visualize_error(capsys, [*tiny_cli, "--image", str(tmp_path / "cat.jpg")])
+    assert status == 1 and f"--image {tmp_path / 'cat.jpg'} does not exist" in err
+
+
+def test_visualize_attention_points_a_run_root_to_its_checkpoints(tmp_path, capsys, tiny_cli):
+    run = tmp_path / "output" / "focal_demo_patch2_window4_32" / "default"
+    run.mkdir(parents=True)
+    torch.save({"model": tiny_model(img_size=32).state_dict()}, run / "best.pth")
+    torch.save({"model": tiny_model(img_size=32).state_dict()}, run / "last.pth")
+    for folder in (tmp_path / "output", run):
+        status, err = _visualize_error(capsys, [*tiny_cli, "--checkpoint", str(folder)])
+        assert status == 2
+        assert f"--checkpoint {folder} is a folder: pass a checkpoint file (it holds 2, e.g. {run / 'best.pth'})" in err

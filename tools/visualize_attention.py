@@ -335,27 +335,97 @@ def visualize_attention(
 
 
 # ---- command line -------------------------------------------------------------------------------------
+class InputError(Exception):
+    """Bad input (a path, a name, a checkpoint that does not fit): reported in one line with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _checkpoints_below(folder: Path) -> list[Path]:
+    """Checkpoint files in ``folder`` (a run folder) or in the run folders below it (a run root)."""
+    for depth in ("", "*/", "*/*/"):
+        found = sorted(path for suffix in (".pth", ".safetensors") for path in folder.glob(f"{depth}*{suffix}"))
+        if found:
+            return found
+    return []
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail fast, before building a model, on paths that cannot be what the flags ask for."""
+    if args.cfg and Path(args.cfg).is_dir():
+        config = Path(args.cfg) / "config.yaml"
+        hint = f": pass its config file, {config}" if config.is_file() else ""
+        raise InputError(f"--cfg {args.cfg} is a folder, not a config file{hint}", status=2)
+    if args.checkpoint and args.checkpoint.is_dir():
+        found = _checkpoints_below(args.checkpoint)
+        best = [path for path in found if path.name == "best.pth"] or found
+        hint = f" (it holds {len(found)}, e.g. {best[0]})" if found else " (none was found in it)"
+        raise InputError(f"--checkpoint {args.checkpoint} is a folder: pass a checkpoint file{hint}", status=2)
+    for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+        if path and not path.exists():
+            raise InputError(f"{flag} {path} does not exist")
+
+
+def _shortened(error: Exception, limit: int = 4) -> str:
+    """A mismatch message without its long list of keys: the first ``limit`` problems and how many in all."""
+    head, _, problems = str(error).partition(": ")
+    parts = problems.split("; ")
+    if len(parts) <= limit:
+        return str(error)
+    return f"{head}: {'; '.join(parts[:limit])}; ... ({len(parts)} mismatched entries in all)"
+
+
 def build_model(args: argparse.Namespace) -> FocalTransformer:
     """The model named by ``--model`` / ``--model-args`` or ``--cfg`` / ``--opts``, with ``--checkpoint`` loaded."""
     if args.cfg:
-        from config import get_config
+        from config import ConfigError, get_config
         from models import build_model as build_from_config
 
-        model = build_from_config(get_config(argparse.Namespace(cfg=args.cfg, opts=args.opts)))
+        try:
+            model = build_from_config(get_config(argparse.Namespace(cfg=args.cfg, opts=args.opts)))
+        except ConfigError as error:
+            raise InputError(str(error), status=2) from None
     else:
         import timm
 
         import models  # noqa: F401  (registers the Focal variants with timm)
 
-        model = timm.create_model(args.model, **json.loads(args.model_args))
+        if not timm.is_model(args.model):
+            raise InputError(f"--model {args.model} is not a registered model", status=2)
+        try:
+            model_args = json.loads(args.model_args)
+        except ValueError as error:
+            raise InputError(f"--model-args is not JSON: {error}", status=2) from None
+        model = timm.create_model(args.model, **model_args)
+    v1_blocks = isinstance(model, FocalTransformer) and all(
+        isinstance(block.attn, FocalWindowAttention) for stage in model.layers for block in stage.blocks
+    )
+    if not v1_blocks:
+        raise InputError(f"visualize_attention needs a Focal Transformer (v1), got {type(model).__name__}", status=2)
     if args.checkpoint:
+        from models.checkpoint_loading import CheckpointMismatchError
         from models.finetune import load_pretrained
-        from utils.checkpoint import load_checkpoint_file
+        from utils.checkpoint import CheckpointError, load_checkpoint_file
 
-        load_pretrained(model, load_checkpoint_file(str(args.checkpoint)), logger)
-    if not isinstance(model, FocalTransformer):
-        raise SystemExit(f"visualize_attention needs a Focal Transformer (v1), got {type(model).__name__}")
+        try:
+            load_pretrained(model, load_checkpoint_file(str(args.checkpoint)), logger)
+        except CheckpointMismatchError as error:
+            raise InputError(f"checkpoint {args.checkpoint} is not of this model: {_shortened(error)}") from None
+        except CheckpointError as error:
+            raise InputError(str(error)) from None
     return model
+
+
+def read_image(path: Path, size: int) -> torch.Tensor:
+    """``load_image``, with a file that is not a readable image reported as bad input."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return load_image(path, size)
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -375,16 +445,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[QueryAttention]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def run(args: argparse.Namespace) -> list[QueryAttention]:
+    """The drawing the flags ask for; ``InputError`` for bad input."""
+    check_paths(args)
     model = build_model(args)
     size = args.size or model_image_size(model)
-    image = load_image(args.image, size) if args.image else generated_image(size, args.seed)
+    image = read_image(args.image, size) if args.image else generated_image(size, args.seed)
     row, col = args.query
     if not (0 <= row < size and 0 <= col < size):
-        raise SystemExit(f"query pixel ({row}, {col}) is outside the {size}x{size} image")
+        raise InputError(f"query pixel ({row}, {col}) is outside the {size}x{size} image", status=2)
     return visualize_attention(model, image, (row, col), args.out, block_index=args.block)
+
+
+def main(argv: Sequence[str] | None = None) -> list[QueryAttention]:
+    """Command line: bad input ends the program with one line on stderr (exit status 2 for flags, else 1)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except InputError as error:
+        sys.stderr.write(f"visualize_attention: error: {error}\n")
+        raise SystemExit(error.status) from None
 
 
 if __name__ == "__main__":
