@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the fused Triton attention kernels run on CPU tensors through Triton's interpreter; it must be chosen
@@ -14,3 +15,27 @@ torch.set_num_threads(2)  # the golden fixtures were produced with 2 threads
 # Where a GPU runs the tests, fp32 must mean fp32: no TF32 in convolutions or matrix products.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
+
+# Set (to 1) by .ci/run: without triton the fused-kernel and compile tests skip, so CI refuses to start instead.
+REQUIRE_TRITON = "FOCAL_REQUIRE_TRITON"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from models import fused_focal_attention
+
+    if os.environ.get(REQUIRE_TRITON) == "1" and fused_focal_attention.triton is None:
+        raise pytest.UsageError(
+            f"{REQUIRE_TRITON}=1 but triton cannot be imported: the fused-kernel and compile tests would skip "
+            "(CPU-only torch builds lack it; pip install -r requirements.txt installs it on Linux)"
+        )
+
+
+# pytest's outcome keys -> the words of the summary line.
+STATS_LABELS = {"passed": "passed", "skipped": "skipped", "failed": "failed", "error": "errors"}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line with every count, zeros included, so a run's log always states how many tests were skipped."""
+    stats = terminalreporter.stats
+    counts = {label: len(stats.get(key, [])) for key, label in STATS_LABELS.items()}
+    terminalreporter.write_line("test counts: " + ", ".join(f"{count} {label}" for label, count in counts.items()))
