@@ -1,8 +1,10 @@
 """Datasets, samplers and loaders of a training run, built from the config.
 
-Training order comes from ``DistributedSampler(shuffle=True, seed=SEED)`` even on one process, so it is
-reproducible and resumable with ``set_epoch``. Evaluation is exact: every validation image is counted
-exactly once whatever the world size (``ShardedEvalSampler``, no padding, no dropped last batch).
+Training order comes from ``DistributedSampler(shuffle=True, seed=SEED)`` even on one process, or, when each
+rank caches only its shard (zip layout, DATA.CACHE_MODE 'part'), from ``ShardedTrainSampler`` (a shuffle of the
+shard seeded by SEED, epoch and rank), so it is reproducible and resumable with ``set_epoch``. Evaluation is
+exact: every validation image is counted exactly once whatever the world size (``ShardedEvalSampler``, no
+padding, no dropped last batch).
 ``build_loader(..., train=False)`` reads the validation split alone (``--eval``), so evaluating a checkpoint
 needs neither the training images nor time to cache them.
 """
