@@ -1,8 +1,9 @@
 """A training loader whose batches depend only on (SEED, epoch, position), so a run resumes bit-exactly.
 
-* ``ResumableSampler`` wraps the training sampler (whose order is a function of SEED and the epoch)
-  and yields ``(epoch, index)`` pairs from a start position: a run resumed at step k of an epoch skips
-  the first k batches without loading them.
+* ``ResumableSampler`` wraps the training sampler (whose order is a function of SEED and the epoch, and
+  of the rank with the per-rank shard shuffle of DATA.CACHE_MODE 'part') and yields ``(epoch, index)``
+  pairs from a start position: a run resumed at step k of an epoch skips the first k batches without
+  loading them.
 * ``EpochSeededDataset`` seeds every sample's augmentation from (SEED, epoch, index), so the result
   is the same whichever loader worker (or the training process itself) loads it, and whatever was
   loaded before. The epoch travels with the index, which works with persistent workers too (they keep
