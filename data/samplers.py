@@ -7,10 +7,7 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import Sampler
 
-from utils.seeding import derive_seed
-
-# First key part of the shard shuffle's seeds; utils.seeding's streams (samples, steps) use 0 and 1.
-SHARD_SHUFFLE_STREAM = 2
+from utils.seeding import SHARD_SHUFFLE_STREAM, derive_seed
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["SAMPLE_STREAM", "STEP_STREAM", "derive_seed", "isolated_rng", "seed_all"]
+__all__ = ["SAMPLE_STREAM", "SHARD_SHUFFLE_STREAM", "STEP_STREAM", "derive_seed", "isolated_rng", "seed_all"]
 
 # First key part of each kind of derived seed, so two kinds never share a stream.
 SAMPLE_STREAM = 0  # data augmentation of one sample: (SAMPLE_STREAM, SEED, epoch, index)
 STEP_STREAM = 1  # one training step in the main process: (STEP_STREAM, SEED, rank, epoch, step)
+SHARD_SHUFFLE_STREAM = 2  # one rank's shuffle of its cached shard: (SHARD_SHUFFLE_STREAM, SEED, epoch, rank)
 
 
 def derive_seed(*key: int) -> int:
