@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data.datasets import IGNORED_LABEL
 from utils.amp import GradientStepper
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, is_main_process
 from utils.ema import ModelEma
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
 from utils.seeding import STEP_STREAM, derive_seed, seed_all
@@ -105,10 +108,25 @@ def _agree(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
     return nonfinite == 0, stop > 0
 
 
-def _memory_mb(device: torch.device) -> float:
+def _memory_text(device: torch.device) -> str:
+    """Peak memory for the step log: the CUDA allocator's peak on a GPU, the process's peak resident set on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return 0.0
+        return f"mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f}MB"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"peak rss {peak / (2**20 if sys.platform == 'darwin' else 2**10):.0f}MB"
+
+
+def accumulation_group(step: int, num_steps: int, accumulation_steps: int) -> tuple[bool, int]:
+    """(whether micro-batch ``step`` of an epoch of ``num_steps`` ends with an optimizer step, its group's size).
+
+    Micro-batches are grouped ``accumulation_steps`` at a time from the start of the epoch. When that does not
+    divide the epoch, the last group holds the remainder and still ends with a step, so no micro-batch is computed
+    and then dropped; the loss is divided by the group's size, so every step averages over its own micro-batches.
+    An epoch therefore takes ceil(num_steps / accumulation_steps) optimizer steps.
+    """
+    first = step - step % accumulation_steps
+    size = min(accumulation_steps, num_steps - first)
+    return step == first + size - 1, size
 
 
 def train_one_epoch(
@@ -126,11 +144,14 @@ def train_one_epoch(
 
     ``loader`` yields the batches from ``start_step`` on (the caller skips the done ones in the
     sampler); ``meters`` holds the averages of the steps before ``start_step`` when resuming.
-    Gradients are accumulated over ``accumulation_steps`` micro-batches; DDP synchronises only on the
-    last one (``no_sync``). A non-finite loss stops training (NonFiniteLossError) unless
-    ``skip_nonfinite``, which drops that step on every rank. Every step first seeds the random
-    generators from (seed, rank, epoch, step), so Mixup/CutMix and drop path do not depend on where the
-    run was resumed. A stop request ends the epoch early, after an optimizer step (``state.stopped``).
+    Gradients are accumulated over ``accumulation_steps`` micro-batches (the epoch's last step over the
+    remainder, see ``accumulation_group``); DDP synchronises only on the last one (``no_sync``). The
+    logged and returned ``lr`` is the rate the optimizer step used (the epoch's last step for the
+    returned one); ``images_per_s`` is the whole job's rate (the images of every rank over this rank's
+    epoch time; the ranks keep pace through the per-step all-reduce). A non-finite loss stops training
+    (NonFiniteLossError) unless ``skip_nonfinite``, which drops that step on every rank. Every step first
+    seeds the random generators from (seed, rank, epoch, step), so Mixup/CutMix and drop path do not depend
+    on where the run was resumed. A stop request ends the epoch early, after an optimizer step (``state.stopped``).
     """
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
@@ -139,7 +160,7 @@ def train_one_epoch(
     accum = state.accumulation_steps
     num_steps = start_step + len(loader)
     time_meter = AverageMeter()
-    images, stop_agreed, step = 0, False, start_step - 1
+    images, stop_agreed, step, step_lr = 0, False, start_step - 1, None
     start = end = time.time()
     for step, (samples, targets) in enumerate(loader, start=start_step):
         seed_all(derive_seed(STEP_STREAM, state.seed, state.rank, epoch, step))
@@ -147,7 +168,8 @@ def train_one_epoch(
         targets = targets.to(state.device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        update = (step + 1) % accum == 0
+        update, group_size = accumulation_group(step, num_steps, accum)
+        lr = state.optimizer.param_groups[0]["lr"]  # the rate this micro-batch's optimizer step uses
         sync = model.no_sync() if hasattr(model, "no_sync") and not update else contextlib.nullcontext()
         with sync:
             with autocast(state.device, state.amp_dtype):
@@ -158,7 +180,7 @@ def train_one_epoch(
             grad_norm = None
             if finite:
                 grad_norm = state.stepper(
-                    loss / accum, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
+                    loss / group_size, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
                 )
             elif not state.skip_nonfinite:
                 raise NonFiniteLossError(
@@ -171,6 +193,7 @@ def train_one_epoch(
                 meters.skipped_steps += 1
         if finite:
             if update:
+                step_lr = lr
                 state.global_step += 1
                 state.scheduler.step_update(state.global_step)
                 if state.ema is not None:
@@ -181,7 +204,6 @@ def train_one_epoch(
             images += samples.size(0)
         time_meter.update(time.time() - end)
         end = time.time()
-        lr = state.optimizer.param_groups[0]["lr"]
         if step % state.print_freq == 0 or step == num_steps - 1:
             eta = datetime.timedelta(seconds=int(time_meter.avg * (num_steps - step - 1)))
             logger.info(
@@ -189,7 +211,7 @@ def train_one_epoch(
                 f"time {time_meter.val:.4f} ({time_meter.avg:.4f})\t"
                 f"loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
                 f"grad_norm {meters.grad_norm.val:.4f} ({meters.grad_norm.avg:.4f})\t"
-                f"mem {_memory_mb(state.device):.0f}MB"
+                f"{_memory_text(state.device)}"
             )
             if state.metrics is not None:
                 state.metrics.add_scalars(
@@ -201,15 +223,47 @@ def train_one_epoch(
             logger.info("stop requested: leaving epoch %d after %d of %d steps", epoch, step + 1, num_steps)
             break
     epoch_time = time.time() - start
+    job_images, world_size = all_reduce_sum(torch.tensor([float(images), 1.0], device=state.device)).tolist()
+    rate, job_rate = images / max(epoch_time, 1e-9), job_images / max(epoch_time, 1e-9)
+    per_rank = f" ({int(world_size)} processes, {rate:.1f} each)" if world_size > 1 else ""
+    logger.info(
+        f"Train: epoch {epoch} took {datetime.timedelta(seconds=int(epoch_time))}: {job_rate:.1f} images/s{per_rank}"
+    )
     return {
         "train_loss": meters.loss.avg,
-        "lr": state.optimizer.param_groups[0]["lr"],
+        "lr": step_lr if step_lr is not None else state.optimizer.param_groups[0]["lr"],
         "grad_norm": meters.grad_norm.avg,
         "skipped_steps": meters.skipped_steps,
         "epoch_time": epoch_time,
-        "images_per_s": images / max(epoch_time, 1e-9),
+        "images_per_s": job_rate,
         "steps_done": step + 1,
     }
+
+
+class _EvalProgress:
+    """Logs evaluation progress on this rank: batches done, images/s, ETA and the top-1 of its images so far."""
+
+    def __init__(self, num_batches: int, print_freq: int, name: str, logger: logging.Logger) -> None:
+        self.num_batches, self.print_freq, self.logger = num_batches, max(1, print_freq), logger
+        self.prefix = f"Test ({name})" if name else "Test"
+        self.ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.images = 0
+        self.start = time.time()
+
+    def update(self, batch: int, images: int, totals: torch.Tensor) -> None:
+        """After batch ``batch`` (0-based) of ``images`` images; ``totals`` holds this rank's running counts."""
+        self.images += images
+        if batch % self.print_freq and batch != self.num_batches - 1:
+            return
+        elapsed = max(time.time() - self.start, 1e-9)
+        eta = datetime.timedelta(seconds=int(elapsed / (batch + 1) * (self.num_batches - batch - 1)))
+        correct1, scored = totals[0].item(), totals[3].item()
+        whose = "rank 0's" if self.ranks > 1 else "the"
+        self.logger.info(
+            f"{self.prefix}: [{batch + 1}/{self.num_batches}]\teta {eta}\t{self.images / elapsed:.1f} images/s"
+            + (" per process" if self.ranks > 1 else "")
+            + f"\tacc1 {100.0 * correct1 / max(scored, 1.0):.3f} over {whose} {int(scored)} images so far"
+        )
 
 
 @torch.no_grad()
@@ -219,16 +273,20 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     logger: logging.Logger,
+    print_freq: int = 10,
+    name: str = "",
 ) -> dict:
     """Top-1/top-5 and loss over the whole split: per-rank sums all-reduced, every image counted once.
 
     Stand-ins for unreadable images (label ``IGNORED_LABEL``, with DATA.SKIP_CORRUPT) are left out and counted
-    as ``num_skipped``.
+    as ``num_skipped``. Every ``print_freq`` batches (and at the last) rank 0 logs its progress: batches done,
+    images/s, ETA and the top-1 so far over its own images. ``name`` (e.g. 'EMA') labels the log lines.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images, skipped
-    for samples, targets in loader:
+    progress = _EvalProgress(len(loader), print_freq, name, logger) if is_main_process() else None
+    for batch, (samples, targets) in enumerate(loader):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -239,6 +297,8 @@ def evaluate(
         totals[:3] += torch.stack([correct[0], correct[1], criterion(outputs, targets)]).double()
         totals[3] += targets.numel()
         totals[4] += scored.numel() - targets.numel()
+        if progress is not None:
+            progress.update(batch, scored.numel(), totals)
     all_reduce_sum(totals)
     correct1, correct5, loss_sum, count, skipped = totals.tolist()
     count = max(count, 1.0)
@@ -250,8 +310,9 @@ def evaluate(
     }
     if skipped:
         result["num_skipped"] = int(skipped)
+    label = f"{name} " if name else ""
     logger.info(
-        f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
+        f" * {label}Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
         f"on {result['num_images']} images" + (f" ({int(skipped)} unreadable, left out)" if skipped else "")
     )
     return result

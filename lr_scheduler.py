@@ -131,7 +131,9 @@ def build_scheduler(
 ) -> IterLRScheduler:
     """The TRAIN.LR_SCHEDULER schedule in optimizer steps (``n_iter_per_epoch`` of them per epoch).
 
-    The learning rates are the already scaled ones from ``optim.scale_learning_rates``.
+    The learning rates are the already scaled ones from ``optim.scale_learning_rates``. A warmup that is
+    not shorter than the run is allowed (short test runs) but warned about with the numbers: the rate
+    never reaches ``base_lr`` or never decays.
     """
     if n_iter_per_epoch < 1:
         raise ValueError(f"n_iter_per_epoch must be at least 1, got {n_iter_per_epoch}")
@@ -147,4 +149,16 @@ def build_scheduler(
         decay_rate=sched_cfg.DECAY_RATE,
     )
     _logger.info("LR schedule: %s", schedule)
+    if 0 < schedule.total_steps <= schedule.warmup_steps:
+        _logger.warning(
+            "the LR warmup (TRAIN.WARMUP_EPOCHS %s = %d steps) is not shorter than the run (TRAIN.EPOCHS %s = %d "
+            "steps): the learning rate peaks at %.3g on the last step instead of reaching the base rate %.3g, and "
+            "never decays",
+            config.TRAIN.WARMUP_EPOCHS,
+            schedule.warmup_steps,
+            config.TRAIN.EPOCHS,
+            schedule.total_steps,
+            schedule.lr_at(schedule.total_steps - 1),
+            base_lr,
+        )
     return IterLRScheduler(optimizer, schedule)

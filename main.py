@@ -339,12 +339,17 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
         model = torch.compile(model)
     ema = ModelEma(model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP) if config.MODEL_EMA else None
     optimizer = build_optimizer(config, model_without_ddp)
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    steps_per_epoch = len(data.loader_train) // accumulation
-    if steps_per_epoch < 1:
+    accumulation, batches = max(1, config.TRAIN.ACCUMULATION_STEPS), len(data.loader_train)
+    if accumulation > batches:
         raise ValueError(
-            f"TRAIN.ACCUMULATION_STEPS {accumulation} is more than the {len(data.loader_train)} batches of an epoch: "
-            "not one optimizer step per epoch"
+            f"TRAIN.ACCUMULATION_STEPS {accumulation} is more than the {batches} batches of an epoch: "
+            "not one full optimizer step per epoch"
+        )
+    steps_per_epoch = -(-batches // accumulation)  # the last step of an epoch takes the remainder (engine)
+    if batches % accumulation:
+        logger.warning(
+            f"TRAIN.ACCUMULATION_STEPS {accumulation} does not divide the {batches} batches of an epoch: the last of "
+            f"its {steps_per_epoch} optimizer steps accumulates the remaining {batches % accumulation}"
         )
     base_lr, warmup_lr, min_lr = scale_learning_rates(config, dist_info.world_size)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch, base_lr, warmup_lr, min_lr)
@@ -399,12 +404,14 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
             _save_checkpoint(trainer, epoch, train_stats["steps_done"], False, max_accuracy, meters)
             _log_stop(stop, f"at epoch {epoch} step {train_stats['steps_done']} of {batches_per_epoch}", logger)
             break
-        result = evaluate(model, data.loader_val, state.device, state.amp_dtype, logger)
+        result = evaluate(model, data.loader_val, state.device, state.amp_dtype, logger, config.PRINT_FREQ)
         is_best = result["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, result["acc1"])
         logger.info(f"epoch {epoch}: acc1 {result['acc1']:.2f}% (max {max_accuracy:.2f}%)")
         if state.ema is not None:
-            result_ema = evaluate(state.ema.module, data.loader_val, state.device, state.amp_dtype, logger)
+            result_ema = evaluate(
+                state.ema.module, data.loader_val, state.device, state.amp_dtype, logger, config.PRINT_FREQ, "EMA"
+            )
             result.update({f"{key}_ema": value for key, value in result_ema.items() if key.startswith(("acc", "loss"))})
         if config.DATA.SKIP_CORRUPT:
             skipped = result["num_skipped_train"] = data.dataset_train.num_skipped

@@ -135,3 +135,27 @@ def test_schedule_state_is_plain_python():
     state = _scheduler().state_dict()
     assert all(isinstance(value, (int, float, str)) for value in state["schedule"].values())
     assert LRSchedule(**state["schedule"]).lr_at(0) == WARMUP_LR
+
+
+@pytest.mark.parametrize(("epochs", "warmup_epochs"), [(1, 2), (2, 2)])
+def test_a_warmup_not_shorter_than_the_run_is_warned_about_with_the_numbers(caplog, monkeypatch, epochs, warmup_epochs):
+    """TRAIN.EPOCHS 1 with 2 warmup epochs never reaches the base rate; 2 and 2 end at the peak without decaying."""
+    monkeypatch.setattr(logging.getLogger("focal"), "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        schedule = _scheduler(epochs=epochs, warmup_epochs=warmup_epochs).schedule
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    peak = schedule.lr_at(epochs * ITERS - 1)
+    assert peak < BASE_LR
+    assert (
+        f"TRAIN.WARMUP_EPOCHS {warmup_epochs} = {warmup_epochs * ITERS} steps) is not shorter than the run "
+        f"(TRAIN.EPOCHS {epochs} = {epochs * ITERS} steps): the learning rate peaks at {peak:.3g}"
+    ) in warnings[0]
+    assert f"base rate {BASE_LR:.3g}" in warnings[0]
+
+
+def test_a_warmup_shorter_than_the_run_is_not_warned_about(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("focal"), "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        _scheduler(epochs=3, warmup_epochs=2)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]

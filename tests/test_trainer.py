@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 import torch
 from golden import fixture_paths, load_fixture
 from launch import main_args, run_dir, run_main, run_two_nodes
+from test_reliability import Run, assert_same_result
+
+from lr_scheduler import LRSchedule
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +179,81 @@ def test_model_ema_is_evaluated_checkpointed_and_evaluable(toy_root, tmp_path):
     )
     evaluated = _evaluate(run / "last.pth", toy_root, tmp_path / "eval", 1, opts=["EVAL_EMA", "True"])
     assert evaluated["acc1"] == pytest.approx(row["acc1_ema"])
+
+
+# ---- epoch statistics: the job's throughput, the rate each step used, evaluation progress, accumulation ----------
+
+
+def test_images_per_s_is_the_whole_jobs_rate(trained_run):
+    """Two processes, each 2 full batches of 16 per epoch (40 images per rank, drop_last): the rate counts 64."""
+    for row in _metrics(trained_run):
+        assert row["images_per_s"] * row["epoch_time"] == pytest.approx(2 * 2 * 16)
+    log = (trained_run / "log_rank0.txt").read_text()
+    assert re.search(r"Train: epoch 1 took \S+: [\d.]+ images/s \(2 processes, [\d.]+ each\)", log)
+
+
+def test_logged_learning_rates_are_the_ones_the_steps_used(trained_run):
+    """metrics.jsonl's lr is the epoch's last step's rate (not min_lr, which no step used); step 0 logs warmup_lr."""
+    scheduler = torch.load(trained_run / "last.pth", weights_only=True)["lr_scheduler"]
+    schedule, steps = LRSchedule(**scheduler["schedule"]), scheduler["step"]
+    rows = _metrics(trained_run)
+    assert rows[-1]["lr"] == schedule.lr_at(steps - 1) != schedule.min_lr
+    assert rows[0]["lr"] == schedule.lr_at(steps // 2 - 1)
+    log = (trained_run / "log_rank0.txt").read_text()
+    assert re.search(r"Train: \[0/2\]\[0/\d+\]\teta \S+ lr (\S+)", log).group(1) == f"{schedule.warmup_lr:.6f}"
+
+
+def test_evaluation_progress_is_logged_by_rank_0(trained_run):
+    """30 validation images, 15 per rank in one batch: rank 0 logs its batch count, rate, ETA and running top-1."""
+    log = (trained_run / "log_rank0.txt").read_text()
+    progress = r"Test: \[1/1\]\teta 0:00:00\t[\d.]+ images/s per process\tacc1 [\d.]+ over rank 0's 15 images so far"
+    assert len(re.findall(progress, log)) == 2  # once per epoch
+    assert "Test: [" not in (trained_run / "log_rank1.txt").read_text()
+
+
+# Batch 2 on one process: 40 batches per epoch, so accumulation 3 makes 13 steps of 3 and one of the last batch.
+ACCUMULATION_OPTS = ["DATA.BATCH_SIZE", "2", "SAVE_FREQ", "1", "TRAIN.ACCUMULATION_STEPS", "3"]
+
+
+@pytest.fixture(scope="module")
+def accumulation_run(tmp_path_factory, toy_root) -> Path:
+    """An uninterrupted 2-epoch run on one process with accumulation 3 over 40 batches per epoch."""
+    output = tmp_path_factory.mktemp("accumulation")
+    result = run_main(main_args(output, toy_root, opts=ACCUMULATION_OPTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir(output)
+
+
+def test_accumulation_that_does_not_divide_the_epoch_steps_on_the_remainder(accumulation_run):
+    """14 optimizer steps per epoch (ceil(40 / 3)) in the schedule and in global_step, with a warning saying so."""
+    checkpoint = torch.load(accumulation_run / "last.pth", weights_only=True)
+    schedule = checkpoint["lr_scheduler"]["schedule"]
+    assert checkpoint["global_step"] == checkpoint["lr_scheduler"]["step"] == 2 * 14
+    assert (schedule["warmup_steps"], schedule["total_steps"]) == (14, 2 * 14)
+    log = (accumulation_run / "log_rank0.txt").read_text()
+    assert (
+        "WARNING TRAIN.ACCUMULATION_STEPS 3 does not divide the 40 batches of an epoch: the last of its 14 optimizer "
+        "steps accumulates the remaining 1"
+    ) in log
+    assert _metrics(accumulation_run)[-1]["lr"] == LRSchedule(**schedule).lr_at(2 * 14 - 1)
+
+
+def test_killed_and_stopped_run_with_accumulation_remainder_resumes_bit_exactly(accumulation_run, toy_root, tmp_path):
+    """Killed after epoch 0, stopped by SIGTERM in epoch 1 (after a whole group), resumed: the uninterrupted result."""
+    args = main_args(tmp_path, toy_root, opts=ACCUMULATION_OPTS)
+    first = Run(args)
+    first.wait_for(r"saved epoch 0 checkpoint")
+    first.kill()
+    second = Run(args)
+    second.wait_for(r"resumed from .*last\.pth: starting at epoch 1$")
+    second.wait_for(r"Train: \[1/2\]\[0/40\]")
+    second.proc.send_signal(signal.SIGTERM)
+    status, out = second.finish()
+    stopped = re.search(r"stopped on request \(SIGTERM\) at epoch 1 step (\d+)", out)
+    assert status == 0 and stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 40 and step % 3 == 0
+    third = run_main(args)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"starting at epoch 1 step {step}" in third.stdout
+    assert_same_result(run_dir(tmp_path), accumulation_run)
