@@ -42,7 +42,8 @@ def resolve_amp_dtype(name: str, device: torch.device | str) -> torch.dtype | No
 class GradientStepper:
     """Backward for every micro-batch; unscale, clip, step and zero the gradients on the last one.
 
-    The caller divides the loss by the number of accumulation steps and, under DDP, skips gradient
+    The caller divides the loss by the number of micro-batches the step accumulates (the epoch's last
+    step may take fewer, see ``engine.accumulation_group``) and, under DDP, skips gradient
     synchronisation (``model.no_sync()``) on the micro-batches with ``update=False``.
     """
 
