@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from golden import RELEASED, RELEASED_V2, state_dict_manifest
 
 import config
 import models
-from models import FocalTransformer, build_model, create_variant, model_kwargs_from_config
+from models import FocalTransformer, FocalTransformerV2, build_model, create_variant, model_kwargs_from_config
 from models.checkpoint_loading import released_derived_buffers
 from tools.benchmark import BenchSettings
 from tools.model_table import COLUMNS, build_row, main, throughput_column, to_markdown
@@ -166,8 +167,10 @@ def full_model(request) -> tuple[str, torch.nn.Module]:
     return request.param, full_size(request.param)
 
 
-def test_released_variants_are_registered():
-    assert set(RELEASED_ALL) <= set(VARIANTS)
+def test_released_variant_is_registered_in_timm_with_its_model_class(full_model):
+    name, model = full_model
+    assert timm.is_model(name)
+    assert type(model) is (FocalTransformerV2 if name in RELEASED_V2 else FocalTransformer)
 
 
 def test_full_size_parameter_count(full_model):
@@ -373,11 +376,16 @@ def test_other_input_size_equals_a_model_built_for_it(kwargs, built_size):
         torch.testing.assert_close(built_96(x), built_small(x), rtol=1e-12, atol=1e-12)
 
 
-def test_fp32_output_at_another_input_size_is_deterministic():
+def test_layout_cached_for_one_input_size_is_never_used_for_another():
+    """Blocks cache the key layout of every other input size they meet: run at a sequence of sizes, revisiting some,
+    the model gives at each size what a fresh copy of it (empty caches) gives, bit for bit."""
     model = tiny_model(VARIANTS[0]).eval()
-    x = torch.randn(2, 3, 96, 80)
-    with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+    pristine = copy.deepcopy(model)
+    # stage 2 (window 4) pads 96x80 to 8x8 maps and 96x64 to 8x4: sizes that share a height but not a layout
+    for height, width in [(96, 80), (96, 64), (80, 96), (96, 80), (96, 64)]:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            assert torch.equal(model(x), copy.deepcopy(pristine)(x)), (height, width)
 
 
 # ---- construction errors (configurations on which the release crashes) -------------------------------------------
