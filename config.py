@@ -436,6 +436,8 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
             node[leaf] = _coerce(value, node[leaf], key)
     if getattr(args, "zip", False):
         config.DATA.ZIP_MODE = True
+    if getattr(args, "cache_mode", None) and not config.DATA.ZIP_MODE:
+        raise ConfigError("--cache-mode applies to the zip layout only: add --zip (or DATA.ZIP_MODE True), or drop it")
     if getattr(args, "use_checkpoint", False):
         config.TRAIN.USE_CHECKPOINT = True
     if getattr(args, "amp_opt_level", None):

@@ -39,7 +39,7 @@ from data import DataBundle, build_loader
 from data.resumable import resumable_sampler
 from engine import EpochMeters, NonFiniteLossError, TrainState, evaluate, measure_throughput, train_one_epoch
 from lr_scheduler import build_scheduler
-from models import build_model, load_official_weights
+from models import build_model, load_official_weights, load_pretrained
 from optim import build_optimizer, scale_learning_rates
 from utils.amp import GradientStepper, resolve_amp_dtype
 from utils.checkpoint import (
@@ -233,12 +233,14 @@ def _find_checkpoint(trainer: Trainer) -> tuple[str, dict] | None:
     MODEL.RESUME. The run's own checkpoints win over MODEL.RESUME (as in the released trainer), so rerunning a
     command that names ``--resume`` continues the run instead of going back to that file.
 
-    Rank 0 picks the file and the others load the same one.
+    Rank 0 picks the file and the others load the same one. A fine-tune (MODEL.PRETRAINED) only resumes
+    checkpoints it wrote itself: another run's checkpoint is refused (ConfigError), never continued by accident.
     """
     config, logger = trainer.config, trainer.logger
+    found = None
     if config.TRAIN.AUTO_RESUME:
-        found = trainer.checkpoints.latest_valid() if trainer.dist_info.rank == 0 else None
-        path = broadcast_object(found[0] if found else None)
+        latest = trainer.checkpoints.latest_valid() if trainer.dist_info.rank == 0 else None
+        path = broadcast_object(latest[0] if latest else None)
         if path is not None:
             if config.MODEL.RESUME:
                 logger.warning(
@@ -246,10 +248,40 @@ def _find_checkpoint(trainer: Trainer) -> tuple[str, dict] | None:
                     "(TRAIN.AUTO_RESUME False resumes from MODEL.RESUME)"
                 )
             logger.info(f"auto-resuming from {path}")
-            return path, found[1] if found else load_checkpoint_file(path)
-    if config.MODEL.RESUME:
-        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME)
-    return None
+            found = path, latest[1] if latest else load_checkpoint_file(path)
+    if found is None and config.MODEL.RESUME:
+        found = config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME)
+    if found is not None and config.MODEL.PRETRAINED:
+        _check_fine_tune_resumes_itself(config, *found)
+    return found
+
+
+def _fine_tuned_from(checkpoint: Any) -> str:
+    """MODEL.PRETRAINED of the run that wrote ``checkpoint`` ('' when none, or the checkpoint does not say)."""
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    try:
+        saved = yaml.safe_load(saved) if isinstance(saved, str) else None
+    except yaml.YAMLError:
+        return ""
+    model = saved.get("MODEL") if isinstance(saved, dict) else None
+    return (model.get("PRETRAINED") or "") if isinstance(model, dict) else ""
+
+
+def _check_fine_tune_resumes_itself(config, path: str, checkpoint: Any) -> None:
+    """A run started with MODEL.PRETRAINED may only continue from a checkpoint of a fine-tune from that file."""
+    pretrained, written_by = config.MODEL.PRETRAINED, _fine_tuned_from(checkpoint)
+    if written_by and os.path.realpath(written_by) == os.path.realpath(pretrained):
+        return
+    origin = f"a fine-tune from {written_by}" if written_by else "a run without --pretrained"
+    if path == config.MODEL.RESUME:
+        raise ConfigError(
+            f"--pretrained {pretrained} and --resume {path} (written by {origin}) name two starting points: "
+            "pass --pretrained to start a fine-tune, or --resume to continue a run"
+        )
+    raise ConfigError(
+        f"--pretrained {pretrained}: the run folder {config.OUTPUT} already holds {path}, written by {origin}; "
+        "fine-tune into a new folder (--tag NAME or --output PATH), or drop --pretrained to continue that run"
+    )
 
 
 def _restore_rank_state(trainer: Trainer, checkpoint: dict, epoch_done: bool) -> EpochMeters | None:
@@ -272,16 +304,30 @@ def _restore_rank_state(trainer: Trainer, checkpoint: dict, epoch_done: bool) ->
     return meters
 
 
+def _restart_ema(trainer: Trainer) -> None:
+    """Start the EMA (when the run keeps one) from the model's current weights."""
+    if trainer.state.ema is not None:
+        config = trainer.config
+        trainer.state.ema = ModelEma(trainer.model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP)
+
+
 def resume(trainer: Trainer) -> ResumePoint:
     """Load the checkpoint to resume from into the run, and return where to continue."""
     config, state, logger = trainer.config, trainer.state, trainer.logger
     found = _find_checkpoint(trainer)
     if found is None:
+        if config.MODEL.PRETRAINED:
+            logger.info(f"fine-tuning from {config.MODEL.PRETRAINED} (weights only): no checkpoint to resume")
+            load_pretrained(trainer.model_without_ddp, load_checkpoint_file(config.MODEL.PRETRAINED), logger)
+            _restart_ema(trainer)
         return ResumePoint(epoch=config.TRAIN.START_EPOCH)
     path, checkpoint = found[0], _checkpoint_dict(found[1], found[0])
+    if config.MODEL.PRETRAINED:
+        logger.info(f"continuing the fine-tune from its checkpoint {path} ({config.MODEL.PRETRAINED} is not reloaded)")
     load_official_weights(trainer.model_without_ddp, checkpoint.get("model", checkpoint))
     if "optimizer" not in checkpoint:
         logger.info(f"{path} holds weights only: training starts at epoch {config.TRAIN.START_EPOCH}")
+        _restart_ema(trainer)
         return ResumePoint(epoch=config.TRAIN.START_EPOCH)
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -291,11 +337,11 @@ def resume(trainer: Trainer) -> ResumePoint:
             state.ema.load_state_dict(checkpoint["model_ema"])
         else:
             logger.warning(f"{path} holds no EMA weights: the EMA restarts from the resumed weights")
-            state.ema = ModelEma(trainer.model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP)
+            _restart_ema(trainer)
     epoch_done = checkpoint.get("epoch_done", True)  # checkpoints of other trainers: end of an epoch
     epoch = checkpoint["epoch"] + (1 if epoch_done else 0)
     state.global_step = checkpoint.get(
-        "global_step", epoch * (len(trainer.data.loader_train) // state.accumulation_steps)
+        "global_step", epoch * -(-len(trainer.data.loader_train) // state.accumulation_steps)
     )
     for key, name, value in (("seed", "SEED", config.SEED), ("batch_size", "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE)):
         if checkpoint.get(key, value) != value:
@@ -391,7 +437,13 @@ def train(config, dist_info: DistInfo, model: nn.Module, logger: logging.Logger,
     if dist_info.rank == 0:
         _keep_metrics_before(trainer.metrics.jsonl_path, point.epoch, logger)
     max_accuracy = point.max_accuracy
-    logger.info("start training")
+    if point.epoch >= config.TRAIN.EPOCHS:
+        logger.info(
+            f"nothing to train: the run has done its {config.TRAIN.EPOCHS} epochs (TRAIN.EPOCHS); "
+            "raise TRAIN.EPOCHS to train further"
+        )
+    else:
+        logger.info(f"start training at epoch {point.epoch} of {config.TRAIN.EPOCHS}")
     for epoch in range(point.epoch, config.TRAIN.EPOCHS):
         resumed = epoch == point.epoch
         start_step = point.step if resumed else 0
@@ -432,9 +484,24 @@ def evaluate_checkpoint(config, dist_info: DistInfo, model: nn.Module, logger: l
     load_model_weights(model, config.MODEL.RESUME, logger, ema=config.EVAL_EMA)
     data = build_loader(config, dist_info.rank, dist_info.world_size, train=False)  # the val split alone
     amp_dtype = resolve_amp_dtype(config.AMP_DTYPE, dist_info.device)
-    result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger)
+    result = evaluate(model, data.loader_val, dist_info.device, amp_dtype, logger, config.PRINT_FREQ)
     if dist_info.rank == 0:
-        write_text_atomic(os.path.join(config.OUTPUT, "eval_results.json"), json.dumps(result, indent=2))
+        _record_evaluation(config, result)
+
+
+def _record_evaluation(config, result: dict) -> None:
+    """Name what was scored beside the scores: ``eval_results.json`` holds the latest evaluation, and every
+    evaluation is appended to ``eval_results.jsonl``, so earlier ones (and the run's own files) are kept."""
+    record = {
+        "checkpoint": os.path.abspath(config.MODEL.RESUME),
+        "ema": bool(config.EVAL_EMA),
+        "img_size": config.DATA.IMG_SIZE,
+        "crop": bool(config.TEST.CROP),
+        **result,
+    }
+    write_text_atomic(os.path.join(config.OUTPUT, "eval_results.json"), json.dumps(record, indent=2))
+    with open(os.path.join(config.OUTPUT, "eval_results.jsonl"), "a", encoding="utf-8") as history:
+        history.write(json.dumps(record) + "\n")
 
 
 def _build_model(config) -> nn.Module:
@@ -462,10 +529,6 @@ def run(config, dist_info: DistInfo, logger: logging.Logger) -> None:
     elif config.EVAL_MODE:
         evaluate_checkpoint(config, dist_info, model, logger)
     else:
-        if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-            from models.finetune import load_pretrained
-
-            load_pretrained(model, load_checkpoint_file(config.MODEL.PRETRAINED), logger)
         with StopRequest() as stop:  # installed before the loader starts workers, which inherit it
             train(config, dist_info, model, logger, stop)
 
@@ -514,11 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(config.SEED + dist_info.rank)
     # Denormal floats (tiny gradients, fresh AdamW moments) make CPU kernels up to 10x slower; no effect on GPU.
     torch.set_flush_denormal(True)
-    if dist_info.rank == 0:
-        save_config(config, config.OUTPUT)
-    logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.yaml')}")
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # the training run's record: evaluations leave it as is
+        if dist_info.rank == 0:
+            save_config(config, config.OUTPUT)
+        logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.yaml')}")
     try:
         run(config, dist_info, logger)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one asked for a stop after the step, with a checkpoint)
+        logger.error("interrupted by a second Ctrl-C: no checkpoint of this step; rerun the command to resume")
+        return 130
     except (*RUN_ERRORS, RuntimeError) as error:
         if not isinstance(error, RUN_ERRORS) and not _is_collective_failure(error):
             raise  # a bug: keep the traceback
