@@ -70,6 +70,10 @@ class LRSchedule:
 class IterLRScheduler:
     """Sets every parameter group's learning rate from an ``LRSchedule``, once per optimizer step.
 
+    Kept instead of timm's ``CosineLRScheduler(warmup_prefix=True)`` (the same cosine rates): timm's
+    state_dict stores the schedule itself, so a resume would keep the old schedule when TRAIN.EPOCHS is
+    raised; ours stores only the step and recomputes the rate from the config (resume rules, ``resume.py``).
+
     After construction the optimizer holds the rate of step 0. Call ``step()`` after each optimizer
     step, or ``step_update(n)`` with the number of optimizer steps taken so far.
     """

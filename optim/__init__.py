@@ -41,6 +41,9 @@ def _skips_weight_decay(name: str, param: nn.Parameter, skip_names: set[str], sk
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split the trainable parameters of ``model`` into a decayed and a non-decayed group.
 
+    Kept instead of timm's function of the same name: timm has no ``no_weight_decay_keywords`` and puts the
+    non-decayed group first, so the optimizer state of every existing checkpoint would no longer load.
+
     Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
     """
     skip_names = _model_name_set(model, "no_weight_decay")

@@ -11,6 +11,9 @@ from torch import nn
 class ModelEma:
     """EMA copy of ``model``: ``ema = d * ema + (1 - d) * weights`` after every optimizer step.
 
+    Kept instead of timm's ``ModelEmaV3``: its warmup is ``1 - (1 + t / gamma) ** -power``, not the
+    ``(1 + n) / (10 + n)`` our checkpoints were trained with, so their EMA would not resume bit for bit.
+
     Only floating-point tensors are averaged; integer buffers are copied. With ``warmup`` the decay grows
     as ``min(decay, (1 + n) / (10 + n))`` over the first updates, so early weights do not dominate.
     """
