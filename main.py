@@ -56,6 +56,7 @@ from utils.distributed import (
 from utils.ema import ModelEma
 from utils.logger import create_logger
 from utils.metrics import MetricsWriter
+from utils.runtime import configure_runtime
 
 # Errors that mean bad input or a failed run rather than a bug: reported as one line, exit status 1.
 # (DistError: a collective failed, usually because another rank died or timed out.)
@@ -329,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(config.OUTPUT, exist_ok=True)
     logger = create_logger(config.OUTPUT, dist_rank=dist_info.rank, name="focal")
     seed_everything(config.SEED + dist_info.rank)
-    # Denormal floats (tiny gradients, fresh AdamW moments) make CPU kernels up to 10x slower; no effect on GPU.
-    torch.set_flush_denormal(True)
+    configure_runtime()
     if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # the training run's record: evaluations leave it as is
         if dist_info.rank == 0:
             save_config(config, config.OUTPUT)

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401  (registers the Focal variants in timm's registry)
+from utils.runtime import configure_runtime  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -448,8 +449,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    # As main.py does: denormals make CPU backward passes and AdamW steps several times slower.
-    torch.set_flush_denormal(True)
+    configure_runtime()  # as main.py: the same process-wide settings
     if args.memory_worker is not None:
         _memory_worker(args.memory_worker)
         return []
