@@ -159,7 +159,7 @@ def test_demo_pipeline_learns_well_above_chance(tmp_path):
     result = run_main(args, nproc=1, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = _metrics(run_dir(tmp_path))
-    assert rows[-1]["max_acc1"] >= 30.0  # chance is 10%; this run typically reaches ~50%
+    assert rows[-1]["max_acc1"] >= 50.0  # chance 10%; SEED 0-5 reach 57-65% (58 at 0), a 10x smaller LR 41%
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] or rows[-1]["acc1"] > rows[0]["acc1"]
 
 
