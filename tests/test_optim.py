@@ -68,14 +68,22 @@ def test_weight_decay_groups_work_without_model_hooks():
 
 
 def test_adamw_uses_config_hyperparameters():
-    config = _config(**{"TRAIN.BASE_LR": 1e-3, "TRAIN.WEIGHT_DECAY": 0.05, "TRAIN.OPTIMIZER.EPS": 1e-6})
+    """Every value differs from both the config default and torch's, so each must come from the config."""
+    config = _config(
+        **{
+            "TRAIN.BASE_LR": 1e-3,
+            "TRAIN.WEIGHT_DECAY": 0.07,
+            "TRAIN.OPTIMIZER.EPS": 1e-6,
+            "TRAIN.OPTIMIZER.BETAS": (0.8, 0.95),
+        }
+    )
     optimizer = build_optimizer(config, TinyModel())
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == 1e-3
     assert optimizer.defaults["eps"] == 1e-6
-    assert optimizer.defaults["betas"] == (0.9, 0.999)
+    assert optimizer.defaults["betas"] == (0.8, 0.95)
     assert not optimizer.defaults["fused"]  # CPU parameters: the fused kernel is CUDA-only
-    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.07]
 
 
 def test_sgd_uses_nesterov_momentum():
