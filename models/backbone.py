@@ -1,12 +1,13 @@
-"""Focal Transformer as a dense-prediction backbone (detection / segmentation), timm ``features_only`` style.
+"""Focal Transformer as a dense-prediction backbone (detection / segmentation).
 
-``FocalBackbone`` wraps the stem and stages of an existing ``FocalTransformer`` and returns one NCHW map per
-requested stage, each normalised by its own LayerNorm ``norm{i}`` as the released Swin/Focal detection
-backbones do. Any input size works: the image is zero-padded right/bottom to a multiple of the deepest
-stride that is run (every stage then halves an even map), the blocks build their key layout for the new
-map sizes on the fly, and each output is cropped back to ``ceil(H / stride)``. ``FocalBackboneWithFPN``
-adds a torchvision ``FeaturePyramidNetwork`` and exposes ``out_channels``, which is what torchvision's
-detection models (RetinaNet, Faster/Mask R-CNN) expect of a backbone.
+``FocalBackbone`` takes the stem and stages of an existing ``FocalTransformer`` and returns one NCHW map per
+requested stage, each normalised by its own LayerNorm ``norm{i}`` as the released Swin/Focal detection backbones do.
+It is a thin layer over the model's ``forward_intermediates`` (``FocalTrunk``, which it shares with the classifier):
+the image is zero-padded right/bottom to a multiple of the deepest stride that is run (every stage then halves an
+even map), ``forward_intermediates`` runs the stages up to the last requested one (the blocks build their key layout
+for the new map sizes on the fly, an absolute position embedding is resized), and each output is cropped back to
+``ceil(H / stride)`` and normalised. ``FocalBackboneWithFPN`` adds a torchvision ``FeaturePyramidNetwork`` and exposes
+``out_channels``, which is what torchvision's detection models (RetinaNet, Faster/Mask R-CNN) expect of a backbone.
 
 A block whose constructed resolution made it shrink its window (one window covered the whole map, so no
 ring and no shift; at 224 px this is stage 3 of the released models) keeps that window at every input
@@ -15,6 +16,9 @@ size: on a larger map it is an ordinary window of that size without a ring, padd
 The state_dict keys of ``FocalBackbone`` are those of the classification model (``patch_embed.*``,
 ``layers.*``, ``absolute_pos_embed``) plus ``norm{i}.*``, the layout of the released detection backbones;
 the classifier's final ``norm`` and ``head`` are not part of it.
+
+timm's own feature extraction, ``timm.create_model(name, features_only=True)``, runs the same
+``forward_intermediates`` without padding, cropping or per-stage norms.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .focal_attention import FocalWindowAttention
-from .focal_transformer import FocalTransformer
+from .focal_transformer import FocalTransformer, FocalTrunk, resize_pos_embed
 from .registry import FOCAL_VARIANTS, create_variant
 
 
@@ -41,17 +45,7 @@ def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(images, (0, -W % multiple, 0, -H % multiple))
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(1, N, C) square absolute position embedding -> (1, height, width, C), bicubic when the size differs."""
-    side = math.isqrt(pos_embed.shape[1])
-    grid = pos_embed.view(1, side, side, -1)
-    if (side, side) == (height, width):
-        return grid
-    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1)
-
-
-class FocalBackbone(nn.Module):
+class FocalBackbone(FocalTrunk):
     """Multi-scale NCHW features of a ``FocalTransformer``: images (B, 3, H, W) of any size -> list of maps.
 
     Output ``j`` is stage ``out_indices[j]`` before its downsampling, normalised by ``norm{i}``, with shape
@@ -74,12 +68,11 @@ class FocalBackbone(nn.Module):
         if out_indices[-1] >= num_stages:
             raise ValueError(f"out_indices {out_indices} name a stage beyond the model's {num_stages} stages")
         last = out_indices[-1]
-        stem_stride = model.patch_embed.proj.stride[0]
-        stage_channels = [model.embed_dim * 2**i for i in range(num_stages)]
 
         self.out_indices = out_indices
         self.patch_embed = model.patch_embed
         self.ape = model.ape
+        self.dynamic_img_size = True  # any input size: the position embedding is resized to the token map
         if self.ape:
             self.absolute_pos_embed = model.absolute_pos_embed
         self.pos_drop = model.pos_drop
@@ -87,43 +80,37 @@ class FocalBackbone(nn.Module):
         if self.layers[last].downsample is not None:
             self.layers[last].downsample.requires_grad_(False)
         for i in out_indices:
-            self.add_module(f"norm{i}", nn.LayerNorm(stage_channels[i]))
+            self.add_module(f"norm{i}", nn.LayerNorm(model.feature_info[i]["num_chs"]))
 
-        self.stage_strides = [stem_stride * 2**i for i in range(last + 1)]
-        self.size_divisor = self.stage_strides[last]  # every run stage then gets an exact halving
-        self.out_channels = [stage_channels[i] for i in out_indices]
-        self.strides = [self.stage_strides[i] for i in out_indices]
-        self.feature_info = [
-            dict(num_chs=c, reduction=s, module=f"layers.{i}")
-            for i, c, s in zip(out_indices, self.out_channels, self.strides)
-        ]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+        self.feature_info = [dict(model.feature_info[i]) for i in out_indices]
+        self.out_channels = [info["num_chs"] for info in self.feature_info]
+        self.strides = [info["reduction"] for info in self.feature_info]
+        self.size_divisor = model.feature_info[last]["reduction"]  # every run stage then gets an exact halving
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         H, W = images.shape[-2:]
-        x = self.patch_embed(pad_to_multiple(images, self.size_divisor))  # (B, h, w, C)
-        if self.ape:
-            x = x + resize_pos_embed(self.absolute_pos_embed, x.shape[1], x.shape[2])
-        x = self.pos_drop(x)
+        maps = self.forward_intermediates(
+            pad_to_multiple(images, self.size_divisor),
+            indices=self.out_indices,
+            stop_early=True,
+            output_fmt="NHWC",
+            intermediates_only=True,
+        )  # (B, h_i, w_i, C_i) each
         features = []
-        for i, stage in enumerate(self.layers):
-            x = stage.forward_blocks(x)  # (B, h_i, w_i, C_i)
-            if i in self.out_indices:
-                stride = self.stage_strides[i]
-                out = getattr(self, f"norm{i}")(x[:, : math.ceil(H / stride), : math.ceil(W / stride)])
-                features.append(out.permute(0, 3, 1, 2).contiguous())  # (B, C_i, ceil(H/s), ceil(W/s))
-            if i < len(self.layers) - 1:
-                x = stage.downsample(x.permute(0, 3, 1, 2))
+        for i, x, stride in zip(self.out_indices, maps, self.strides):
+            out = getattr(self, f"norm{i}")(x[:, : math.ceil(H / stride), : math.ceil(W / stride)])
+            features.append(out.permute(0, 3, 1, 2).contiguous())  # (B, C_i, ceil(H/s), ceil(W/s))
         return features
 
 
 def create_backbone(
     name_or_model: str | FocalTransformer, out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs: Any
 ) -> FocalBackbone:
-    """A ``FocalBackbone`` of a registered variant (``kwargs`` override its arguments) or of a built model."""
+    """A ``FocalBackbone`` of a registered variant or of a built model.
+
+    With a name, ``kwargs`` are those of ``timm.create_model`` (architecture overrides, ``pretrained=True`` with
+    ``pretrained_cfg_overlay=dict(file=...)`` to start from a classification checkpoint).
+    """
     if isinstance(name_or_model, str):
         if name_or_model not in FOCAL_VARIANTS:
             raise ValueError(f"unknown Focal variant {name_or_model!r}; known: {sorted(FOCAL_VARIANTS)}")

@@ -8,14 +8,21 @@ configuration, and is an error. Every other key must match a parameter or persis
 Some buffers cannot be rebuilt and are loaded (v2's top-K key indices record torch.topk's tie-breaks). A module
 holding such buffers checks the checkpoint's values with ``loaded_buffer_problems(buffers) -> {name: reason}``
 (its own buffers, by local name, shapes already matching); any reason is an error.
+
+Through timm (``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``) the same checks
+run in ``checkpoint_filter_fn``; ``load_pretrained_file`` reads the file with ``utils.checkpoint.load_checkpoint_file``
+(weights only, plus the yacs ``CfgNode`` released files pickle their config in: timm's own loader refuses that).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
+from utils.checkpoint import load_checkpoint_file
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,12 +111,40 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     return to_load
 
 
+def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+    """The state dict of a checkpoint: ``checkpoint['model']`` for ``{'model': state_dict, ...}``, else itself."""
+    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        return checkpoint["model"]
+    return checkpoint
+
+
 def load_official_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load a released-layout (or our own) state dict strictly; see ``check_state_dict`` for the checks.
 
     A ``{'model': state_dict, ...}`` checkpoint is unwrapped. Returns the model.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    model.load_state_dict(check_state_dict(model, state_dict), strict=True)
+    model.load_state_dict(check_state_dict(model, model_state_dict(state_dict)), strict=True)
+    return model
+
+
+def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: a released or own checkpoint -> the entries to load into ``model``.
+
+    The checkpoint is a state dict or ``{'model': state_dict, ...}``; it is checked as strictly as by
+    ``load_official_weights`` (``check_state_dict``), except for the head when the model was built for another number
+    of classes than its pretrained cfg's (``num_classes`` other than 1000): then, as timm does, the checkpoint's head
+    is dropped and the model keeps its freshly initialised one.
+    """
+    state_dict = dict(model_state_dict(checkpoint))
+    checkpoint_classes = getattr(model, "pretrained_cfg", {}).get("num_classes")
+    if checkpoint_classes is not None and model.num_classes != checkpoint_classes:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
+        state_dict.update({f"head.{key}": value for key, value in model.head.state_dict().items()})
+    return check_state_dict(model, state_dict)
+
+
+def load_pretrained_file(model: nn.Module, path: str) -> nn.Module:
+    """Load a checkpoint file (``.pth`` or ``.safetensors``, ours or released, v1 or v2) into ``model`` through
+    ``checkpoint_filter_fn``, strictly and without running code from the file. Returns the model."""
+    model.load_state_dict(checkpoint_filter_fn(load_checkpoint_file(path), model), strict=True)
     return model

@@ -5,8 +5,9 @@ The released code builds the keys of a window from 4 rolled copies of k/v, a boo
 are read through a precomputed index (``focal_geometry.key_layout``), the same biases are read from the
 concatenated tables through one precomputed index, and ``windowed_focal_attention`` does the rest: on CUDA two
 Triton kernels that read the keys through the index (``fused_focal_attention.py``), on CPU batched matrix
-products image by image and a few windows at a time, with attention dropout (or float64 on CUDA) one
-``scaled_dot_product_attention`` call over gathered keys. Key order, wrap-around and masks are those of the
+products image by image and a few windows at a time, with attention dropout (or float64 on CUDA, or while
+``torch.export`` traces, or when ``attn_impl="reference"`` asks for it) one ``scaled_dot_product_attention`` call
+over gathered keys (``attention_path`` chooses). Key order, wrap-around and masks are those of the
 release, so released weights give the same outputs (see tests/test_golden.py). Two rewrites leave the softmax
 unchanged up to rounding:
 
@@ -40,8 +41,11 @@ from .focal_geometry import (
     released_valid_ind_unfold,
 )
 
-# Devices whose attention runs in the fused Triton kernels (tests add "cpu", where Triton's interpreter runs them).
+# Devices whose attention runs in the fused Triton kernels under ``attn_impl="auto"`` (tests add "cpu", where Triton's
+# interpreter runs them).
 FUSED_DEVICES = {"cuda"}
+# The choices of ``attn_impl`` (see ``attention_path``).
+ATTN_IMPLS = ("auto", "reference")
 
 
 def ring_size(window_size: int, expand_size: int) -> int:
@@ -345,6 +349,26 @@ def attend_per_image(
     return ImageAttention(qkv, pooled_kv, rows, bias, mask, scale).forward()
 
 
+def attention_path(qkv: torch.Tensor, dropout_p: float, attn_impl: str = "auto") -> str:
+    """Which implementation ``windowed_focal_attention`` runs: "fused", "per_image" or "reference".
+
+    ``attn_impl="reference"`` always takes the reference (gathered keys, one ``scaled_dot_product_attention``), which
+    runs on any device, dtype and batch size. ``"auto"`` takes the fused Triton kernels on ``FUSED_DEVICES`` when they
+    support the call, the per-image path on CPU without dropout, and the reference otherwise; and the reference while
+    ``torch.export`` traces the model (also under ``torch.onnx.export(dynamo=True)``): the per-image path loops over
+    the images, which would fix the batch size in the exported graph, and the fused kernels are not exportable ops.
+    """
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    if attn_impl == "reference" or torch.compiler.is_exporting():
+        return "reference"
+    if qkv.device.type in FUSED_DEVICES and fused_focal_attention.supports(qkv, dropout_p):
+        return "fused"
+    if qkv.device.type == "cpu" and dropout_p == 0.0:
+        return "per_image"
+    return "reference"
+
+
 def windowed_focal_attention(
     project: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     key_index: torch.Tensor,
@@ -354,6 +378,7 @@ def windowed_focal_attention(
     dropout_p: float,
     window_size: int,
     num_heads: int,
+    attn_impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of every window's queries to its keys, returned as a (B, Hp, Wp, C) map.
 
@@ -361,20 +386,21 @@ def windowed_focal_attention(
     (B, L_pooled, 2C), k then v of the pooled maps (and v1's zero slot); it is called here so that the paths which
     copy queries and keys out of qkv free it before attending. key_index: (nW, N) into the key source [map tokens
     row-major, pooled rows]; bias: (1 or nW, nH, ws*ws, N), shared by the images (and by the windows if its first
-    size is 1), plus the constant ``mask`` (nW, 1, ws*ws, N) unless None. Three paths compute the same thing:
-    on CUDA the fused Triton kernels (``fused_focal_attention``, which read the keys through the index); on CPU
-    without dropout image by image (``attend_per_image``); otherwise (attention dropout, or float64 on CUDA) one
+    size is 1), plus the constant ``mask`` (nW, 1, ws*ws, N) unless None. Three paths compute the same thing, chosen
+    by ``attention_path`` from ``attn_impl``: the fused Triton kernels (``fused_focal_attention``, which read the keys
+    through the index); on CPU image by image (``attend_per_image``); the reference, one
     ``scaled_dot_product_attention`` call over gathered keys.
     """
     qkv, pooled_kv = project()
     pooled_kv = pooled_kv.to(qkv.dtype)
     n_windows = key_index.shape[0]
-    if qkv.device.type in FUSED_DEVICES and fused_focal_attention.supports(qkv, dropout_p):
+    path = attention_path(qkv, dropout_p, attn_impl)
+    if path == "fused":
         return fused_focal_attention.fused_focal_attention(
             qkv, pooled_kv, key_index, full_bias(bias, mask, n_windows), scale, window_size, num_heads
         )
     bias, mask = bias.to(qkv.dtype), None if mask is None else mask.to(qkv.dtype)
-    if qkv.device.type == "cpu" and dropout_p == 0.0:
+    if path == "per_image":
         return attend_per_image(qkv, pooled_kv, key_index, bias, mask, scale, num_heads)
     C = qkv.shape[-1] // 3
     q = map_to_window_heads(qkv[..., :C], window_size, num_heads)  # (B, nW, nH, ws*ws, hd)
@@ -395,10 +421,12 @@ class KeyIndexedAttention(nn.Module):
 
     Subclasses own the parameters (``qkv``, ``proj``, ``proj_drop``) and attributes (``dim``, ``scale``,
     ``attn_drop``, ``window_size``, ``num_heads``) under their released names; ``zero_slots`` zero keys end the
-    key source (v1 points its padded keys there).
+    key source (v1 points its padded keys there). ``attn_impl`` chooses the implementation (``attention_path``); the
+    models set it with ``set_attn_impl``.
     """
 
     zero_slots = 0
+    attn_impl = "auto"
 
     def attend_and_project(
         self,
@@ -422,7 +450,7 @@ class KeyIndexedAttention(nn.Module):
 
         dropout_p = self.attn_drop if self.training else 0.0
         out = windowed_focal_attention(
-            project, key_index, bias, mask, self.scale, dropout_p, self.window_size, self.num_heads
+            project, key_index, bias, mask, self.scale, dropout_p, self.window_size, self.num_heads, self.attn_impl
         )
         return self.proj_drop(self.proj(out))
 

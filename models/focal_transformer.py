@@ -22,11 +22,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, to_2tuple, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .focal_attention import FocalWindowAttention, ring_size
+from .checkpoint_loading import load_pretrained_file
+from .focal_attention import ATTN_IMPLS, FocalWindowAttention, KeyIndexedAttention, ring_size
 from .focal_geometry import PooledLevel, key_layout, pooled_level, shift_attn_mask
 
 POOL_METHODS = ("fc", "conv", "mean", "max", "none")
@@ -102,6 +104,7 @@ def pool_map(x: torch.Tensor, method: str, layer: nn.Module | None, level: Poole
     return layer(cells).squeeze(-1)
 
 
+@register_notrace_module  # reason: pads, shifts and pools by the map's size (Python control flow on shapes)
 class FocalBlock(nn.Module):
     """Focal attention + MLP, pre-norm residual block. x: (B, H, W, C) -> (B, H, W, C).
 
@@ -178,23 +181,30 @@ class FocalBlock(nn.Module):
     def _build_attention(
         self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float
     ) -> nn.Module:
-        """The focal window attention, and the key layout buffers (at the block's resolution) it reads."""
-        attention = FocalWindowAttention(
-            self.dim,
-            num_heads,
-            self.window_size,
-            self.expand_size,
-            self.focal_window,
-            self.num_pooled_levels,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-        )
-        key_index, key_mask = attention.merge_layout(*self._key_layout(*self.input_resolution))
-        self.register_buffer("key_index", key_index, persistent=False)
-        self.register_buffer("key_mask", key_mask, persistent=False)
-        return attention
+        """The focal window attention, and the key layout buffers (at the block's resolution) it reads.
+
+        Built on the CPU, then moved to the device the model is built on: the index buffers come from the geometry
+        through data-dependent operations (``nonzero``, indexing) that a model built on the meta device (as timm's
+        factory tests build it) could not run.
+        """
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            attention = FocalWindowAttention(
+                self.dim,
+                num_heads,
+                self.window_size,
+                self.expand_size,
+                self.focal_window,
+                self.num_pooled_levels,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+            )
+            key_index, key_mask = attention.merge_layout(*self._key_layout(*self.input_resolution))
+        self.register_buffer("key_index", key_index.to(device), persistent=False)
+        self.register_buffer("key_mask", key_mask.to(device), persistent=False)
+        return attention.to(device)
 
     def _padded(self, H: int, W: int) -> tuple[int, int]:
         ws = self.window_size
@@ -236,8 +246,9 @@ class FocalBlock(nn.Module):
         else:  # another input size: the layout depends only on the padded size, cached per size and device
             cache_key = (*x.shape[1:3], x.device)
             if cache_key not in self._other_layouts:
-                layout = self.attn.merge_layout(*self._key_layout(*x.shape[1:3]))
-                self._other_layouts[cache_key] = tuple(t.to(x.device) for t in layout)
+                with torch.device("cpu"):  # the geometry's data-dependent operations, whatever the default device
+                    layout = self._key_layout(*x.shape[1:3])
+                self._other_layouts[cache_key] = self.attn.merge_layout(*(t.to(x.device) for t in layout))
             key_index, key_mask = self._other_layouts[cache_key]
         return self.attn(x, pooled, key_index, key_mask)
 
@@ -257,7 +268,7 @@ class FocalBlock(nn.Module):
         return per_window
 
     def flops(self) -> float:
-        """Released analytic count (with its approximations: see SEMANTICS.md, 'model.flops() quirks')."""
+        """Released analytic count (with its approximations: see docs/released_semantics.md, 'model.flops() quirks')."""
         H, W = self.input_resolution
         ws, dim = self.window_size, self.dim
         n_windows, per_window = H * W / ws / ws, self._attention_flops_per_window()
@@ -369,10 +380,114 @@ def stage_resolutions(img_size: int, patch_size: int, num_stages: int, use_conv_
     return sides
 
 
-class FocalTransformer(nn.Module):
-    """Focal Transformer v1. Keyword arguments are those of the released constructor.
+GLOBAL_POOLS = ("avg", "")  # the head's pooling: mean over the token map, or none (timm's names)
 
-    ``block_fn`` (not a released argument) builds the blocks; FocalTransformerV2 passes its own.
+
+def resize_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(1, N, C) square absolute position embedding -> (1, height, width, C), bicubic when the size differs."""
+    side = math.isqrt(pos_embed.shape[1])
+    grid = pos_embed.view(1, side, side, -1)
+    if (side, side) == (height, width):
+        return grid
+    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1)
+
+
+@register_notrace_function  # reason: compares the token map's size with the embedding's (control flow on shapes)
+def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor, resize: bool) -> torch.Tensor:
+    """Token map (B, h, w, C) plus the absolute position embedding (1, N, C).
+
+    As stored when N = h * w; with ``resize`` the embedding is resized bicubically to (h, w) instead (the model's
+    ``dynamic_img_size``); otherwise another size is a ValueError.
+    """
+    _, h, w, _ = x.shape
+    if resize:
+        return x + resize_pos_embed(pos_embed, h, w)
+    if h * w != pos_embed.shape[1]:
+        raise ValueError(
+            f"absolute_pos_embed holds {pos_embed.shape[1]} positions but the input gives a {h}x{w} token map: "
+            "build the model at this img_size (or fine-tune with --pretrained, which resizes it), or set "
+            "dynamic_img_size=True"
+        )
+    return x + pos_embed.view(1, h, w, -1)
+
+
+class FocalTrunk(nn.Module):
+    """The stem and stages of a Focal Transformer run for their features: what the classifier (``FocalTransformer``)
+    and the detection backbone (``backbone.FocalBackbone``) share.
+
+    Subclasses hold ``patch_embed``, ``ape`` (and ``absolute_pos_embed``), ``dynamic_img_size``, ``pos_drop`` and
+    ``layers`` (``FocalStage``s); ``norm`` (the final norm) is read only for ``norm=True`` or the final features.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> token map (B, h, w, D): stem, absolute position embedding, dropout."""
+        x = self.patch_embed(x)  # (B, h, w, D)
+        if self.ape:
+            x = add_pos_embed(x, self.absolute_pos_embed, self.dynamic_img_size)
+        return self.pos_drop(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The output of each stage's blocks (before its downsampling), and the final features.
+
+        Args:
+            x: images (B, C, H, W); any size for v1 (each block pads to its windows).
+            indices: stages to return: the last n if an int, all if None, those listed otherwise (negative from the
+                end).
+            norm: apply the final norm to the last stage's output (the only one it is sized for).
+            stop_early: run no stage after the last one asked for (the final features are then that stage's
+                output, without the final norm).
+            output_fmt: "NCHW" (B, C_i, h_i, w_i) or "NHWC" (B, h_i, w_i, C_i).
+            intermediates_only: return only the list of stage outputs.
+
+        Returns:
+            The stage outputs, or (final features (B, h, w, C) as ``forward_features`` gives them, stage outputs).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        intermediates = []
+        x = self._embed(x)
+        for i, stage in enumerate(stages):
+            x = stage.forward_blocks(x)  # (B, h_i, w_i, C_i)
+            if i in take_indices:
+                out = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                intermediates.append(out if output_fmt == "NHWC" else out.permute(0, 3, 1, 2).contiguous())
+            if i < len(stages) - 1:
+                x = stage.downsample(x.permute(0, 3, 1, 2))  # (B, h_i / 2, w_i / 2, 2 C_i)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.layers):
+            x = self.norm(x)
+        return x, intermediates
+
+
+class FocalTransformer(FocalTrunk):
+    """Focal Transformer v1. Keyword arguments are those of the released constructor, then (keyword-only, not
+    released) those of timm's model interface:
+
+    - ``global_pool``: "avg" (released) or "" (``forward`` returns the normalised (B, h, w, C) map);
+    - ``dynamic_img_size``: resize the absolute position embedding (``ape``) to the input's token map instead of
+      refusing another input size;
+    - ``attn_impl``: the attention implementation, see ``set_attn_impl``;
+    - ``block_fn``: builds the blocks; FocalTransformerV2 passes its own.
+
+    Token maps travel as (B, H, W, C) (``output_fmt`` "NHWC"); ``forward_intermediates`` gives the stage outputs
+    (before each stage's downsampling), ``feature_info`` their channels and strides.
     """
 
     def __init__(
@@ -407,20 +522,29 @@ class FocalTransformer(nn.Module):
         layerscale_value: float = 1e-4,
         use_pre_norm: bool = False,
         *,
+        global_pool: str = "avg",
+        dynamic_img_size: bool = False,
+        attn_impl: str = "auto",
         block_fn: Callable[..., FocalBlock] = FocalBlock,
     ) -> None:
         super().__init__()
         if focal_pool not in POOL_METHODS:
             raise ValueError(f"focal_pool must be one of {POOL_METHODS}, got {focal_pool!r}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         img_h, img_w = to_2tuple(img_size)
         if img_h != img_w:
             raise ValueError(f"img_size must be square (the released model assumes it), got {img_h}x{img_w}")
         img_size = img_h
         self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
-        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.output_fmt = "NHWC"
         self.ape = ape
+        self.dynamic_img_size = dynamic_img_size
         self.patch_embed = PatchEmbed(
             patch_size, in_chans, embed_dim, use_conv_embed=use_conv_embed, is_stem=True, norm=patch_norm
         )
@@ -430,7 +554,7 @@ class FocalTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, sides[0] * sides[0], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             self.layers.append(
@@ -460,10 +584,16 @@ class FocalTransformer(nn.Module):
                     layerscale_value=layerscale_value,
                 )
             )
+        stem_stride = self.patch_embed.proj.stride[0]
+        self.feature_info = [
+            dict(num_chs=embed_dim * 2**i, reduction=stem_stride * 2**i, module=f"layers.{i}.blocks.{depth - 1}")
+            for i, depth in enumerate(depths)
+        ]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         self.set_grad_checkpointing(use_checkpoint)
+        self.set_attn_impl(attn_impl)
 
     # ---- the timm model interface -------------------------------------------------------------------
     @torch.jit.ignore
@@ -475,38 +605,89 @@ class FocalTransformer(nn.Module):
         return {"relative_position_bias_table"}  # substring of all three table kinds
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order (timm's layer-wise learning-rate decay): the stem, then each block (each
+        stage unless ``coarse``); a stage's downsampling and the final norm join the group of the block before them
+        (timm's 99999 suffix); the head, unmatched, comes last."""
+        return dict(
+            stem=r"^patch_embed|^absolute_pos_embed",
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """Choose the attention implementation of every block (``focal_attention.attention_path``).
+
+        "auto" (default): the fused Triton kernels on CUDA, image by image on CPU, the reference while
+        ``torch.export`` traces; "reference": gathered keys and one ``scaled_dot_product_attention`` everywhere.
+        """
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        for module in self.modules():
+            if isinstance(module, KeyIndexedAttention):
+                module.attn_impl = attn_impl
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load a checkpoint file, ours or released (timm calls this for a pretrained cfg with ``custom_load``; see
+        ``checkpoint_loading.load_pretrained_file``)."""
+        load_pretrained_file(self, checkpoint_path)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none, ``forward`` gives the pooled features), on the model's device and
+        dtype; ``global_pool`` ("avg" or "") changes the pooling, None keeps it."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
+            like = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
+            self.head = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
             _init_weights(self.head)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove what ``forward_intermediates(indices)`` does not need: the stages after the last index (and the
+        downsampling of that stage), the final norm (if ``prune_norm`` or stages were removed) and the head (if
+        ``prune_head`` or stages were removed; the pooling goes with it). Returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_end:
+            self.layers = self.layers[: max_index + 1]
+            self.layers[-1].downsample = None  # the features end at the tap
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> normalised last-stage map (B, h, w, num_features)."""
-        x = self.patch_embed(x)  # (B, H, W, D)
-        if self.ape:
-            if x.shape[1] * x.shape[2] != self.absolute_pos_embed.shape[1]:
-                raise ValueError(
-                    f"absolute_pos_embed holds {self.absolute_pos_embed.shape[1]} positions but the input gives a "
-                    f"{x.shape[1]}x{x.shape[2]} token map: build the model at this img_size (or fine-tune with "
-                    "--pretrained, which resizes it)"
-                )
-            x = x + self.absolute_pos_embed.view(1, x.shape[1], x.shape[2], -1)
-        x = self.pos_drop(x)
+        x = self._embed(x)
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((1, 2))
+        """Features (B, h, w, C) -> pooled (B, C) (with ``global_pool`` "avg") -> logits, unless ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean((1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -532,4 +713,4 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-__all__ = ["FocalTransformer", "PatchEmbed", "FocalBlock", "FocalStage", "ring_size"]
+__all__ = ["FocalTransformer", "FocalTrunk", "PatchEmbed", "FocalBlock", "FocalStage", "add_pos_embed", "ring_size"]

@@ -8,7 +8,8 @@ blocks, stages, head and checkpoint loading are those of focal_transformer.py.
 Each window attends, for every focal level l, to a fixed set of keys: level 0 the K tokens of the full-resolution
 map nearest to the window centre, level l >= 1 the K windows nearest to it on the window grid, read from pooled
 map l. A per-level MLP (``coord2rpb_all.{l}``) turns every query-key displacement into a per-head bias. There is
-no padding, no ring and no mask. See SEMANTICS_V2.md for the exact behaviour, including the level >= 2 quirk.
+no padding, no ring and no mask. Exact behaviour: docs/released_semantics.md, from "Focal-fast: what it shares with v1"
+to "Focal-fast valid configurations", the "focal-fast level >= 2 quirk" included.
 
 Deviations from the released code (none change an output of a configuration the release can run):
 - the keys of all levels are read through one index by v1's attention (``windowed_focal_attention``: the
@@ -34,6 +35,7 @@ from itertools import accumulate
 from typing import Any
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
 from .focal_attention import KeyIndexedAttention, head_scale
@@ -152,7 +154,8 @@ class TopKFocalAttention(KeyIndexedAttention):
 
         Level 0: window centres among the tokens of the map. Level >= 1: windows among the windows. Pooled map
         l >= 2 is 2^(l-1) times finer than the window grid, yet the release indexes it with these window-grid
-        indices, so only its first nW tokens are ever keys (reproduced, see SEMANTICS_V2.md).
+        indices, so only its first nW tokens are ever keys (reproduced; see docs/released_semantics.md,
+        "focal-fast level >= 2 quirk").
         """
         (H, W), ws = self.input_resolution, self.window_size
         windows = grid_positions(H // ws, W // ws)
@@ -223,6 +226,7 @@ class TopKFocalAttention(KeyIndexedAttention):
         return flops
 
 
+@register_notrace_module  # reason: FocalBlock's, and checks the map's size (Python control flow on shapes)
 class FocalFastBlock(FocalBlock):
     """The v2 block: FocalBlock with top-K attention. ``expand_size`` and ``focal_window`` are unused, as released."""
 
@@ -249,18 +253,23 @@ class FocalFastBlock(FocalBlock):
     def _build_attention(
         self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float
     ) -> nn.Module:
-        return TopKFocalAttention(
-            self.dim,
-            num_heads,
-            self.input_resolution,
-            self.window_size,
-            self.focal_level,
-            self.top_k,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-        )
+        """The top-K attention, built on the CPU (its key choice uses ``topk``, which the meta device cannot run)
+        and moved to the device the model is built on."""
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            attention = TopKFocalAttention(
+                self.dim,
+                num_heads,
+                self.input_resolution,
+                self.window_size,
+                self.focal_level,
+                self.top_k,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                attn_drop=attn_drop,
+                proj_drop=proj_drop,
+            )
+        return attention.to(device)
 
     def _attend(self, x: torch.Tensor, pooled: list[torch.Tensor]) -> torch.Tensor:
         return self.attn(x, pooled)

@@ -1,15 +1,19 @@
-"""load_official_weights: released-layout and own state dicts load; every mismatch is an error that names it."""
+"""load_official_weights and timm's pretrained=True: released-layout and own checkpoints load; every mismatch is an
+error that names it; a checkpoint whose pickle would run code is refused."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import timm
 import torch
 from golden import FIXTURES, fixture_paths, load_fixture
+from yacs.config import CfgNode
 
 from models import CheckpointMismatchError, FocalTransformer, load_official_weights
 from models.checkpoint_loading import key_problems, released_derived_buffers
+from utils.checkpoint import UnsafeCheckpointError
 
 V1_FIXTURES = fixture_paths("golden")
 DEFAULT = FIXTURES / "golden" / "p01_default_fc_224.pt"  # 224 px, ring, fc pooling, shrunk last stage
@@ -161,3 +165,121 @@ def test_key_problems_name_at_most_limit_keys_each():
     assert key_problems(keys, []) == ["missing keys: k0, k1, k2, k3, k4, k5, k6, k7, ... (10 in all)"]
     assert key_problems(keys[:2], keys, limit=None) == ["missing keys: k0, k1", "unexpected keys: " + ", ".join(keys)]
     assert key_problems([], []) == []
+
+
+# ---- released checkpoints through timm: pretrained=True, pretrained_cfg_overlay=dict(file=...) ---------------------
+
+V2_DEFAULT = FIXTURES / "golden_v2" / "p01_released_like_conv_embed_top128_224.pt"
+# A registered variant of each generation: its arguments are overridden by the fixture's kwargs.
+VARIANT_OF = {"golden": "focal_tiny_patch4_window7_224", "golden_v2": "focalv2_tiny_useconv_patch4_window7_224"}
+
+
+def released_file(fixture: dict, folder, layout: str) -> str:
+    """The fixture's released state dict as a file: 'released' ({'model', 'config': CfgNode, ...} .pth, as the
+    released files are), 'bare' (state dict .pth) or 'safetensors'."""
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = folder / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in fixture["state_dict"].items()}, str(path))
+        return str(path)
+    path = folder / f"{layout}.pth"
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "focal", "NAME": "focal_tiny"})})
+    checkpoint = fixture["state_dict"] if layout == "bare" else {"model": fixture["state_dict"], "config": config}
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def through_timm(path: str, fixture: dict, folder_name: str, **kwargs) -> torch.nn.Module:
+    """timm.create_model of the fixture's architecture with the checkpoint file, in float64, in eval mode."""
+    model_kwargs = {**fixture["kwargs"], **kwargs}
+    overlay = dict(file=path, num_classes=fixture["kwargs"]["num_classes"])  # the checkpoint's class count
+    model = timm.create_model(
+        VARIANT_OF[folder_name], pretrained=True, pretrained_cfg_overlay=overlay, dtype=torch.float64, **model_kwargs
+    )
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["released", "bare", "safetensors"])
+@pytest.mark.parametrize("path", [DEFAULT, V2_DEFAULT], ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_released_checkpoint_through_timm_gives_the_fixture_logits(path, layout, tmp_path):
+    fixture = load_fixture(path)
+    model = through_timm(released_file(fixture, tmp_path, layout), fixture, path.parent.name)
+    with torch.no_grad():
+        logits = model(fixture["input"].double())
+    assert (logits - fixture["logits_fp64"]).abs().max().item() < 1e-8
+
+
+def test_features_only_model_loads_the_checkpoint_before_pruning(default, tmp_path):
+    path = released_file(default, tmp_path, "released")
+    features = through_timm(path, default, "golden", features_only=True)
+    reference = _model(default["kwargs"]).double()
+    load_official_weights(reference, default["state_dict"])
+    with torch.no_grad():
+        expected = reference.eval().forward_intermediates(default["input"].double(), intermediates_only=True)
+        assert [torch.equal(a, b) for a, b in zip(features(default["input"].double()), expected)] == [True] * 4
+
+
+def test_another_num_classes_reinitialises_only_the_head(default, tmp_path):
+    path = released_file(default, tmp_path, "released")
+    model = through_timm(path, default, "golden", num_classes=7)
+    assert model.head.weight.shape == (7, default["kwargs"]["embed_dim"] * 8)
+    assert torch.equal(model.head.bias, torch.zeros(7, dtype=torch.float64))  # fresh init: zero bias
+    loaded = model.state_dict()
+    body = [key for key in loaded if not key.startswith("head.")]
+    assert [key for key in body if not torch.equal(loaded[key], default["state_dict"][key])] == []
+
+
+def test_mismatching_checkpoint_through_timm_names_the_keys(default, tmp_path):
+    state_dict = dict(default["state_dict"])
+    del state_dict["layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors"]
+    key = "layers.0.blocks.0.attn.valid_ind_rolled"
+    state_dict[key] = state_dict[key].flip(0)
+    path = tmp_path / "broken.pth"
+    torch.save({"model": state_dict}, path)
+    with pytest.raises(CheckpointMismatchError) as error:
+        through_timm(str(path), default, "golden")
+    assert "missing keys: layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors" in str(error.value)
+    assert f"derived buffers differ from this configuration: {key}" in str(error.value)
+
+
+def test_in_memory_state_dict_through_timm_is_checked_as_strictly(default):
+    kwargs = dict(default["kwargs"])
+    overlay = dict(state_dict=dict(default["state_dict"]), num_classes=kwargs["num_classes"])
+    model = timm.create_model(VARIANT_OF["golden"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    assert torch.equal(model.head.weight, default["state_dict"]["head.weight"].float())
+    del overlay["state_dict"]["head.bias"]
+    with pytest.raises(CheckpointMismatchError, match="missing keys: head.bias"):
+        timm.create_model(VARIANT_OF["golden"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+class _CreatesAFile:
+    """Unpickling this would create a file: a checkpoint that runs code when loaded."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_checkpoint_whose_pickle_would_run_code_is_refused_through_timm(default, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "crafted.pth"
+    torch.save({"model": default["state_dict"], "payload": _CreatesAFile(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="its pickle needs io.open"):
+        through_timm(str(path), default, "golden")
+    assert not marker.exists()
+
+
+def test_pretrained_without_a_file_is_one_clear_error_and_downloads_nothing(monkeypatch):
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for name in ("download_cached_file", "load_state_dict_from_url", "load_state_dict_from_hf", "load_custom_from_hf"):
+        monkeypatch.setattr(builder, name, no_network)
+    for variant in VARIANT_OF.values():
+        with pytest.raises(ValueError, match=r"pretrained_cfg_overlay=dict\(file='focal-tiny-is.pth'\)"):
+            timm.create_model(variant, pretrained=True)
