@@ -55,7 +55,7 @@ def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, ema:
             raise CheckpointError(f"checkpoint {path} holds no EMA weights (trained without MODEL_EMA)")
         load_official_weights(model, checkpoint["model_ema"]["model"])
     else:
-        load_official_weights(model, checkpoint.get("model", checkpoint))
+        load_official_weights(model, checkpoint)
     logger.info(f"loaded {'EMA ' if ema else ''}weights from {path}")
     return checkpoint
 
@@ -226,7 +226,7 @@ def resume(trainer: Trainer) -> ResumePoint:
     path, checkpoint = found[0], _checkpoint_dict(found[1], found[0])
     if config.MODEL.PRETRAINED:
         logger.info(f"continuing the fine-tune from its checkpoint {path} ({config.MODEL.PRETRAINED} is not reloaded)")
-    load_official_weights(trainer.model_without_ddp, checkpoint.get("model", checkpoint))
+    load_official_weights(trainer.model_without_ddp, checkpoint)
     if "optimizer" not in checkpoint:
         logger.info(f"{path} holds weights only: training starts at epoch {config.TRAIN.START_EPOCH}")
         restart_ema(trainer)

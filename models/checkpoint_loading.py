@@ -16,6 +16,7 @@ run in ``checkpoint_filter_fn``; ``load_pretrained_file`` reads the file with ``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,13 @@ from utils.checkpoint import load_checkpoint_file
 
 class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the model; the message names the offending keys and shapes."""
+
+
+# The names of the derived buffers released modules store (their ``released_buffers()``), whatever the configuration:
+# a checkpoint of another window, image size or number of levels holds ones this model does not.
+RELEASED_BUFFER_NAME = re.compile(
+    r"(^|\.)(relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|attn_mask)$"
+)
 
 
 def released_derived_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,19 +119,24 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     return to_load
 
 
-def model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
-    """The state dict of a checkpoint: ``checkpoint['model']`` for ``{'model': state_dict, ...}``, else itself."""
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        return checkpoint["model"]
-    return checkpoint
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint: unwrapped from ``{'model': ...}`` / ``{'state_dict': ...}`` (ours, released,
+    timm's), without DDP's ``module.`` prefix; a bare state dict is returned as it is."""
+    for wrapper in ("model", "state_dict"):
+        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+            checkpoint = checkpoint[wrapper]
+    state_dict = dict(checkpoint)
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
+    return state_dict
 
 
 def load_official_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Load a released-layout (or our own) state dict strictly; see ``check_state_dict`` for the checks.
 
-    A ``{'model': state_dict, ...}`` checkpoint is unwrapped. Returns the model.
+    A wrapped checkpoint is unwrapped (``unwrap_state_dict``). Returns the model.
     """
-    model.load_state_dict(check_state_dict(model, model_state_dict(state_dict)), strict=True)
+    model.load_state_dict(check_state_dict(model, unwrap_state_dict(state_dict)), strict=True)
     return model
 
 
@@ -135,7 +148,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
     of classes than its pretrained cfg's (``num_classes`` other than 1000): then, as timm does, the checkpoint's head
     is dropped and the model keeps its freshly initialised one.
     """
-    state_dict = dict(model_state_dict(checkpoint))
+    state_dict = unwrap_state_dict(checkpoint)
     checkpoint_classes = getattr(model, "pretrained_cfg", {}).get("num_classes")
     if checkpoint_classes is not None and model.num_classes != checkpoint_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("head.")}

@@ -25,8 +25,8 @@ How each kind of tensor is resized (one choice per kind, in the spirit of Swin's
 - A ring table the source block did not have (its window covered the whole map at the source size) keeps
   its fresh initialisation; a ring table the target block does not have is dropped.
 
-Derived buffers (``relative_position_index``, ``valid_ind_rolled``, ``attn_mask``,
-``relative_position_index_k``, ``valid_ind_unfold_k``, and our non-persistent ones) are always dropped:
+Derived buffers (``checkpoint_loading.RELEASED_BUFFER_NAME``: ``relative_position_index``, ``valid_ind_rolled``, ``attn_mask``,
+``relative_position_index_k``, ``valid_ind_unfold_k``) are always dropped:
 the target model rebuilds them from its configuration.
 """
 
@@ -42,13 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint_loading import CheckpointMismatchError, key_problems
+from .checkpoint_loading import RELEASED_BUFFER_NAME, CheckpointMismatchError, key_problems, unwrap_state_dict
 from .focal_geometry import ring_offsets
 
-_DERIVED_BUFFER = re.compile(
-    r"(^|\.)(relative_position_index(_\d+)?|valid_ind_rolled|valid_ind_unfold_\d+|attn_mask"
-    r"|key_index|key_mask|bias_index)$"
-)
 _WINDOW_TABLE = re.compile(r"\.relative_position_bias_table$")
 _POOLED_TABLE = re.compile(r"\.relative_position_bias_table_to_windows\.\d+$")
 _RING_TABLE = re.compile(r"\.relative_position_bias_table_to_neighbors$")
@@ -173,17 +169,6 @@ class AdaptedCheckpoint:
     derived: list[str] = field(default_factory=list)  # derived buffers dropped
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict of a ``{'model': ...}`` / ``{'state_dict': ...}`` checkpoint, without a DDP ``module.``."""
-    for wrapper in ("model", "state_dict"):
-        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
-            checkpoint = checkpoint[wrapper]
-    state_dict = dict(checkpoint)
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def _resize_entry(key: str, value: torch.Tensor, target: torch.Tensor, model: nn.Module) -> torch.Tensor | None:
     """``value`` resized to ``target``'s shape, or None when ``key`` is not a resizable kind."""
     if _WINDOW_TABLE.search(key):
@@ -219,7 +204,7 @@ def adapt_checkpoint(checkpoint: Mapping[str, torch.Tensor], model: nn.Module) -
     source_attn = {_block_of(k) for k in source if _WINDOW_TABLE.search(k)}
     problems = []
     for key, value in source.items():
-        if _DERIVED_BUFFER.search(key) and key not in expected:
+        if RELEASED_BUFFER_NAME.search(key) and key not in expected:
             result.derived.append(key)
             continue
         if key not in expected:
@@ -319,5 +304,4 @@ __all__ = [
     "resize_ring_bias_table",
     "resize_window_bias_table",
     "ring_source_index",
-    "unwrap_state_dict",
 ]

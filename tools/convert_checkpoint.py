@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.finetune import unwrap_state_dict  # noqa: E402
+from models.checkpoint_loading import unwrap_state_dict  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     SAFETENSORS_EMA_PREFIX,
     CheckpointError,
