@@ -225,9 +225,12 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = Fals
 
     ``mmap=True`` maps tensor data lazily instead of reading it, which makes checking a large file
     cheap. Raises ``UnsafeCheckpointError`` when the file needs anything outside the allow-list,
-    ``CorruptCheckpointError`` when it is truncated or damaged, and ``FileNotFoundError`` when missing.
-    A ``.safetensors`` file gives ``{'model': state_dict}`` plus what its JSON sidecar holds.
+    ``CorruptCheckpointError`` when it is truncated or damaged, ``FileNotFoundError`` when missing and
+    ``CheckpointError`` when it is a directory. A ``.safetensors`` file gives ``{'model': state_dict}`` plus
+    what its JSON sidecar holds.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory; pass a checkpoint file")
     if str(path).endswith(_SAFETENSORS_SUFFIX):
         return _load_safetensors(str(path), map_location)
     safe = torch.serialization.safe_globals([(_CfgNodeStandIn, "yacs.config.CfgNode")])

@@ -8,9 +8,14 @@ under ``python main.py`` and under ``torchrun``.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import signal
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import FrameType
@@ -76,16 +81,74 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=backend,
-        init_method="env://",
+        store=_store_of_this_start(rank, world_size, timeout),
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if use_cuda else None,
     )
     _logger.info("joined %s process group: rank %d of %d on %s", backend, rank, world_size, device)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_distributed=True)
+
+
+# Keys of the start handshake in the rendezvous store; the process group's own keys go under "{_START_KEY}/{n}/".
+_START_KEY = "focal/start"
+_POLL_S = 0.05
+
+
+def _generation(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> int:
+    """A number that every rank of this start of the job gets and that no earlier start used.
+
+    Rank 0 draws it (a counter in the store) and hands it to each other rank in reply to a random nonce that
+    rank has just written. The store may still hold the nonces of the processes of an earlier start; rank 0
+    answers whatever nonce it reads, again whenever it changes, until each rank confirms under the new number,
+    so a stale nonce delays nothing and a stale number is never taken.
+    """
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"{_START_KEY}/hello/{rank}", nonce)
+        welcome = f"{_START_KEY}/welcome/{nonce}"
+        store.wait([welcome], timeout)
+        generation = int(store.get(welcome))
+        store.delete_key(welcome)
+        store.set(f"{_START_KEY}/{generation}/joined/{rank}", "1")
+        return generation
+    generation = store.add(f"{_START_KEY}/generation", 1)
+    answered: dict[int, bytes] = {}
+    pending = set(range(1, world_size))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        pending = {r for r in pending if not store.check([f"{_START_KEY}/{generation}/joined/{r}"])}
+        if not pending:
+            return generation
+        for r in pending:
+            hello = f"{_START_KEY}/hello/{r}"
+            if store.check([hello]) and (nonce := store.get(hello)) != answered.get(r):
+                store.set(f"{_START_KEY}/welcome/{nonce.decode()}", str(generation))
+                answered[r] = nonce
+        if time.monotonic() > deadline:
+            raise dist.DistStoreError(
+                f"ranks {sorted(pending)} did not join the process group within {timeout.total_seconds():.0f} s"
+            )
+        time.sleep(_POLL_S)
+
+
+def _store_of_this_start(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The ``env://`` rendezvous store, narrowed to keys that only this start of the job writes.
+
+    torchrun's agent serves the store and keeps it across ``--max-restarts`` restarts, so after a restart it
+    still holds the previous workers' keys, among them the addresses the process group connects to, under
+    the same names. A restarted rank that read them before its peer wrote new ones connected to the dead
+    worker ("Gloo connectFullMesh failed ... Connection refused"; NCCL's unique id is exchanged the same way)
+    and the restart failed. The restart count cannot name the start: each agent counts its own restarts,
+    and restarts for a change of membership are not counted. Hence ``_generation``.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"{_START_KEY}/{_generation(store, rank, world_size, timeout)}/", store)
 
 
 def _distributed() -> bool:
@@ -141,8 +204,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 
 
-# What SLURM (``--signal``, ``scancel``), Kubernetes and cloud schedulers send before they kill a job.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What SLURM (``--signal``, ``scancel``), Kubernetes and cloud schedulers send before they kill a job, and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# StopRequest contexts entered and not left in this process (read by _shield_forked_child).
+_active_stop_requests = 0
 
 
 class StopRequest:
@@ -150,8 +216,10 @@ class StopRequest:
 
     The handler only sets the flag, so the step in progress (and a checkpoint being written) finishes.
     Ranks agree to stop by reducing the flag (``any_rank``), so they all stop after the same step even
-    when the signal reaches them at different times. Use as a context manager: the previous handlers
-    are restored on exit. Handlers can only be installed from the main thread.
+    when the signal reaches them at different times. A second SIGINT (Ctrl-C twice) gets the handler
+    SIGINT had before, by default KeyboardInterrupt: an abort at once. Use as a context manager: the
+    previous handlers are restored on exit. Handlers can only be installed from the main thread.
+    Processes forked while it is active (DataLoader workers) are shielded: see ``_shield_forked_child``.
     """
 
     def __init__(self, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
@@ -160,18 +228,83 @@ class StopRequest:
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> StopRequest:
+        global _active_stop_requests
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _active_stop_requests += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        global _active_stop_requests
+        _active_stop_requests -= 1
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        self.received = self.received or signal.Signals(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def __call__(self) -> bool:
         """True once a stop signal reached this process."""
         return self.received is not None
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # what PyTorch's loader workers do on their parent's SIGTERM
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies (linux/prctl.h)
+# While the main thread forks during a StopRequest: its signal mask before SIGTERM was blocked, and its pid.
+_forking: tuple[set[signal.Signals], int] | None = None
+
+
+def _block_sigterm_for_fork() -> None:
+    """Block SIGTERM while the main thread forks during a StopRequest, so the child starts with it blocked and so
+    do the threads that the at-fork hooks run before ours start in it (a SIGTERM meanwhile stays pending)."""
+    global _forking
+    if _active_stop_requests and threading.current_thread() is threading.main_thread():
+        _forking = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}), os.getpid()
+
+
+def _restore_mask_after_fork() -> None:
+    global _forking
+    if _forking is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _forking[0])
+        _forking = None
+
+
+def _shield_forked_child() -> None:
+    """In a child the main thread forked during a StopRequest (a DataLoader worker): outlive the stop signals,
+    not the parent.
+
+    The stop signals reach more than the main process: torchrun signals each worker's whole process group, a
+    terminal its foreground group, SLURM every process of the job step. A loader worker that dies of one
+    (PyTorch's workers die of any SIGTERM their parent did not send) ends the run with "DataLoader worker ... is
+    killed by signal" before the main process finishes its step and checkpoint. So the child ignores SIGINT and
+    SIGUSR1, and takes SIGTERM from its parent only (how the main process ends a stuck worker).
+
+    It dies with its parent (SIGKILL through PR_SET_PDEATHSIG): it holds copies of the parent's sockets, the
+    process group's among them, and while it lives the other ranks see no dead peer (PyTorch's workers notice
+    a dead parent within 5 s, a busy one later).
+    """
+    global _forking
+    if _forking is None:
+        return
+    parent, _forking = _forking[1], None
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_end_on_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True).start()
+
+
+if sys.platform == "linux":  # prctl and sigwaitinfo
+    os.register_at_fork(
+        before=_block_sigterm_for_fork, after_in_parent=_restore_mask_after_fork, after_in_child=_shield_forked_child
+    )
