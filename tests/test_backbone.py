@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from golden import FIXTURES, load_fixture
 from tiny_models import TINY_FOCAL, tiny_focal
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -13,8 +14,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from models import FocalTransformer, FocalTransformerV2
+from models import CheckpointMismatchError, FocalTransformer, FocalTransformerV2, load_official_weights
+from models import focal_transformer as focal_transformer_module
 from models.backbone import FocalBackbone, FocalBackboneWithFPN, create_backbone
+from models.checkpoint_loading import released_derived_buffers
 
 # Backbones: no classifier head, no stochastic depth.
 TINY = dict(TINY_FOCAL, num_classes=0, drop_path_rate=0.0)
@@ -93,7 +96,12 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+def test_grad_checkpointing_runs_and_gives_the_same_gradients(monkeypatch):
+    calls = []
+    real_checkpoint = focal_transformer_module.checkpoint
+    monkeypatch.setattr(
+        focal_transformer_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    )
     images = torch.randn(1, 3, 40, 56)
     grads = []
     for enable in (False, True):
@@ -101,7 +109,55 @@ def test_grad_checkpointing_gives_the_same_gradients():
         backbone.set_grad_checkpointing(enable)
         sum(f.sum() for f in backbone(images)).backward()
         grads.append(backbone.patch_embed.proj.weight.grad)
+    assert len(calls) == sum(TINY["depths"])  # every block of the checkpointed run, none of the other
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_features_are_the_normalised_stage_outputs_of_forward_intermediates():
+    model = tiny_model().eval()
+    backbone = FocalBackbone(model, out_indices=(0, 2)).eval()
+    images = torch.randn(2, 3, 64, 64)  # a multiple of the deepest stride: no padding, no cropping
+    with torch.no_grad():
+        taps = model.forward_intermediates(images, indices=(0, 2), output_fmt="NHWC", intermediates_only=True)
+        expected = [backbone.norm0(taps[0]), backbone.norm2(taps[1])]
+        assert [torch.equal(f, e.permute(0, 3, 1, 2)) for f, e in zip(backbone(images), expected)] == [True, True]
+
+
+def released_detection_state_dict(fixture: dict) -> dict:
+    """A released detection backbone's state dict built from a classification fixture: the stem and stages with the
+    released derived buffers, a LayerNorm ``norm{i}`` per stage, no final norm and no head."""
+    state_dict = {k: v for k, v in fixture["state_dict"].items() if not k.startswith(("norm.", "head."))}
+    generator = torch.Generator().manual_seed(0)
+    for i in range(4):
+        channels = fixture["kwargs"]["embed_dim"] * 2**i
+        state_dict[f"norm{i}.weight"] = 1 + 0.1 * torch.randn(channels, generator=generator, dtype=torch.float64)
+        state_dict[f"norm{i}.bias"] = 0.1 * torch.randn(channels, generator=generator, dtype=torch.float64)
+    return state_dict
+
+
+def test_released_detection_backbone_layout_loads_strictly():
+    fixture = load_fixture(FIXTURES / "golden" / "p01_default_fc_224.pt")
+    state_dict = released_detection_state_dict(fixture)
+    backbone = FocalBackbone(FocalTransformer(**fixture["kwargs"]))
+    load_official_weights(backbone, state_dict)
+    assert set(backbone.state_dict()) == set(state_dict) - set(released_derived_buffers(backbone))
+    loaded = backbone.state_dict()
+    assert [k for k, v in loaded.items() if not torch.equal(v, state_dict[k].float())] == []
+    del state_dict["norm2.bias"]
+    with pytest.raises(CheckpointMismatchError, match="missing keys: norm2.bias"):
+        load_official_weights(FocalBackbone(FocalTransformer(**fixture["kwargs"])), state_dict)
+
+
+def test_create_backbone_starts_from_a_classification_checkpoint(tmp_path):
+    fixture = load_fixture(FIXTURES / "golden" / "p01_default_fc_224.pt")
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": fixture["state_dict"]}, path)
+    overlay = dict(file=str(path), num_classes=fixture["kwargs"]["num_classes"])
+    backbone = create_backbone(
+        "focal_tiny_patch4_window7_224", pretrained=True, pretrained_cfg_overlay=overlay, **fixture["kwargs"]
+    )
+    weight = "layers.2.blocks.1.attn.qkv.weight"
+    assert torch.equal(backbone.state_dict()[weight], fixture["state_dict"][weight].float())
 
 
 def test_create_backbone_from_registered_name_and_from_model():
