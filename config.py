@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from utils.errors import ConfigError
+
 _C = CN()
 
 # Base config files merged before this one (paths relative to the file that names them).
@@ -249,10 +251,6 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 # Local rank (set from the environment by torchrun).
 _C.LOCAL_RANK = 0
-
-
-class ConfigError(ValueError):
-    """A config file, override or flag that cannot be applied; the message names the key."""
 
 
 def _closest(name: str, candidates: list[str]) -> str:

@@ -20,12 +20,9 @@ from data.datasets import IGNORED_LABEL
 from utils.amp import GradientStepper
 from utils.distributed import all_reduce_sum, is_main_process
 from utils.ema import ModelEma
+from utils.errors import NonFiniteLossError
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
 from utils.seeding import STEP_STREAM, derive_seed, seed_all
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the epoch and step."""
 
 
 @dataclass

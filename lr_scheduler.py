@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
+from utils.errors import ConfigError
 from utils.logger import get_logger
 
 __all__ = ["SCHEDULE_NAMES", "IterLRScheduler", "LRSchedule", "build_scheduler"]
@@ -45,14 +46,18 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULE_NAMES:
-            raise ValueError(f"unknown LR scheduler {self.name!r}; expected one of {SCHEDULE_NAMES}")
+            raise ConfigError(
+                f"unknown LR scheduler {self.name!r} (TRAIN.LR_SCHEDULER.NAME); expected one of {SCHEDULE_NAMES}"
+            )
         if self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError(
-                "LR schedule needs warmup_steps >= 0 and total_steps >= 0, got "
+            raise ConfigError(
+                "LR schedule needs warmup_steps >= 0 and total_steps >= 0 (TRAIN.WARMUP_EPOCHS, TRAIN.EPOCHS), got "
                 f"{self.warmup_steps} and {self.total_steps}"
             )
         if self.name == "step" and self.decay_steps < 1:
-            raise ValueError(f"step LR schedule needs decay_steps >= 1, got {self.decay_steps}")
+            raise ConfigError(
+                f"step LR schedule needs decay_steps >= 1 (TRAIN.LR_SCHEDULER.DECAY_EPOCHS), got {self.decay_steps}"
+            )
 
     def lr_at(self, step: int) -> float:
         """The learning rate for optimizer step ``step`` (0-based)."""

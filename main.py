@@ -35,17 +35,13 @@ from torch import nn
 from config import ConfigError, get_config
 from data import build_loader
 from data.resumable import resumable_sampler
-from engine import EpochMeters, NonFiniteLossError, TrainState, evaluate, measure_throughput, train_one_epoch
+from engine import EpochMeters, TrainState, evaluate, measure_throughput, train_one_epoch
 from lr_scheduler import build_scheduler
-from models import build_model
+from models import CheckpointMismatchError, build_model
 from optim import build_optimizer, scale_learning_rates
 from resume import Trainer, keep_metrics_before, load_model_weights, resume, save_checkpoint
 from utils.amp import GradientStepper, resolve_amp_dtype
-from utils.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    write_text_atomic,
-)
+from utils.checkpoint import CheckpointManager, write_text_atomic
 from utils.distributed import (
     DistInfo,
     StopRequest,
@@ -54,13 +50,16 @@ from utils.distributed import (
     init_distributed,
 )
 from utils.ema import ModelEma
+from utils.errors import CollectiveError, FocalError
 from utils.logger import create_logger
 from utils.metrics import MetricsWriter
 from utils.runtime import configure_runtime
 
-# Errors that mean bad input or a failed run rather than a bug: reported as one line, exit status 1.
-# (DistError: a collective failed, usually because another rank died or timed out.)
-RUN_ERRORS = (ValueError, OSError, NonFiniteLossError, CheckpointError, dist.DistError)
+# Errors that mean bad input or a failed run rather than a bug: reported as one line, exit status 1; any other
+# error keeps its traceback. CheckpointMismatchError: a checkpoint that does not fit the model.
+RUN_ERRORS = (FocalError, dist.DistError, CheckpointMismatchError)
+# A collective failed, usually because another rank died or timed out (DistError: NCCL's and the store's).
+COLLECTIVE_ERRORS = (CollectiveError, dist.DistError)
 # A message longer than this (e.g. from a collective's C++ backend) is cut in the one-line report.
 _MAX_ERROR_CHARS = 2000
 
@@ -135,14 +134,17 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
     data = build_loader(config, dist_info.rank, dist_info.world_size)
     model_without_ddp = model
     if dist_info.is_distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer broadcast before each forward: the model's buffers are constants derived from the config, and
+        # a collective there would fail untyped (a plain RuntimeError under gloo) when another rank dies.
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if config.TRAIN.COMPILE:
         model = torch.compile(model)
     ema = ModelEma(model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP) if config.MODEL_EMA else None
     optimizer = build_optimizer(config, model_without_ddp)
     accumulation, batches = max(1, config.TRAIN.ACCUMULATION_STEPS), len(data.loader_train)
     if accumulation > batches:
-        raise ValueError(
+        raise ConfigError(
             f"TRAIN.ACCUMULATION_STEPS {accumulation} is more than the {batches} batches of an epoch: "
             "not one full optimizer step per epoch"
         )
@@ -260,13 +262,13 @@ def _record_evaluation(config, result: dict) -> None:
 
 
 def _build_model(config) -> nn.Module:
-    """The model; a configuration it cannot be built for is a ValueError that names the sizes involved."""
+    """The model; a configuration it cannot be built for is a ConfigError that names the sizes involved."""
     try:
         return build_model(config)
     except (ValueError, ArithmeticError) as error:
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         focal = config.MODEL.FOCAL
-        raise ValueError(
+        raise ConfigError(
             f"cannot build {config.MODEL.NAME} for DATA.IMG_SIZE {config.DATA.IMG_SIZE}, MODEL.FOCAL.PATCH_SIZE "
             f"{focal.PATCH_SIZE}, MODEL.FOCAL.WINDOW_SIZE {focal.WINDOW_SIZE}: {reason}"
         ) from error
@@ -296,12 +298,6 @@ def one_line(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {' '.join(lines)}"
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
-
-
-def _is_collective_failure(error: RuntimeError) -> bool:
-    """A collective broke (gloo and NCCL raise plain RuntimeErrors when a peer dies or times out)."""
-    text = str(error)
-    return dist.is_initialized() and any(marker in text for marker in ("gloo", "NCCL", "Connection closed by peer"))
 
 
 def _load_config(args: argparse.Namespace):
@@ -340,11 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C (the first one asked for a stop after the step, with a checkpoint)
         logger.error("interrupted by a second Ctrl-C: no checkpoint of this step; rerun the command to resume")
         return 130
-    except (*RUN_ERRORS, RuntimeError) as error:
-        if not isinstance(error, RUN_ERRORS) and not _is_collective_failure(error):
-            raise  # a bug: keep the traceback
+    except RUN_ERRORS as error:  # anything else is a bug: it keeps its traceback
         message = one_line(error)
-        if not isinstance(error, RUN_ERRORS) or isinstance(error, dist.DistError):
+        if isinstance(error, COLLECTIVE_ERRORS):
             message = f"a collective failed, most likely because another rank failed (see its log): {message}"
         logger.debug("traceback of the error below", exc_info=True)  # the log file only
         logger.error(message)

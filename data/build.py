@@ -21,6 +21,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
+from utils.errors import ConfigError, DataError, MissingDataError
 from utils.logger import get_logger
 
 from .datasets import FolderDataset, ImageDataset, ZipDataset
@@ -50,16 +51,16 @@ class DataBundle:
 def _data_root(config: CfgNode) -> str:
     """The folder that holds train/ and val/ (or the zip files), checked to exist."""
     if config.DATA.DATASET not in DATASETS:
-        raise ValueError(f"DATA.DATASET must be one of {DATASETS}, got {config.DATA.DATASET!r}")
+        raise ConfigError(f"DATA.DATASET must be one of {DATASETS}, got {config.DATA.DATASET!r}")
     if config.DATA.DATASET == "toy":
         if config.DATA.ZIP_MODE:
-            raise ValueError("DATA.ZIP_MODE is not supported with DATA.DATASET 'toy' (a folder dataset)")
+            raise ConfigError("DATA.ZIP_MODE is not supported with DATA.DATASET 'toy' (a folder dataset)")
         return str(toy_data_path(config))
     path = config.DATA.DATA_PATH
     if not path:
-        raise ValueError("DATA.DATA_PATH is empty: set it to the dataset root (or use --data-path)")
+        raise ConfigError("DATA.DATA_PATH is empty: set it to the dataset root (or use --data-path)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"DATA.DATA_PATH {path} does not exist or is not a folder")
+        raise MissingDataError(f"DATA.DATA_PATH {path} does not exist or is not a folder")
     return path
 
 
@@ -84,7 +85,7 @@ def _build_split(is_train: bool, config: CfgNode, rank: int, world_size: int) ->
 
 def _check_num_classes(dataset: ImageDataset, config: CfgNode) -> None:
     if dataset.num_classes != config.MODEL.NUM_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the dataset has {dataset.num_classes} "
             f"classes ({len(dataset)} images)"
         )
@@ -95,7 +96,7 @@ def _check_same_classes(train: ImageDataset, val: ImageDataset) -> None:
     only_train = sorted(set(train.classes) - set(val.classes))
     only_val = sorted(set(val.classes) - set(train.classes))
     if only_train or only_val:
-        raise ValueError(f"train and val classes differ: only in train {only_train}, only in val {only_val}")
+        raise DataError(f"train and val classes differ: only in train {only_train}, only in val {only_val}")
 
 
 def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[ImageDataset, int]:
@@ -161,10 +162,10 @@ def build_loader(config: CfgNode, rank: int, world_size: int, train: bool = True
     _check_num_classes(dataset_train, config)
     mixup_fn = build_mixup(config)
     if mixup_fn is not None and config.DATA.BATCH_SIZE % 2:
-        raise ValueError(f"Mixup/CutMix need an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+        raise ConfigError(f"Mixup/CutMix need an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
     sampler_train = _train_sampler(config, dataset_train, rank, world_size)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each "
             f"of the {world_size} processes gets ({len(dataset_train)} in all): not one full batch per epoch"
         )

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from utils.errors import ConfigError, CorruptImageError, DataError, MissingDataError
 from utils.logger import get_logger
 
 from .samplers import shard_indices
@@ -32,10 +33,6 @@ CACHE_MODES = ("no", "part", "full")
 IGNORED_LABEL = -100
 # What decoding a broken file (or a member missing from a zip) can raise.
 _UNREADABLE = (OSError, ValueError, KeyError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError)
-
-
-class CorruptImageError(ValueError):
-    """An image file that cannot be read or decoded; the message names the file."""
 
 
 class ImageDataset(Dataset):
@@ -120,12 +117,12 @@ class FolderDataset(ImageDataset):
         ignore_stand_ins: bool = False,
     ) -> None:
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root} does not exist")
-        classes, class_to_idx = find_classes(root)  # FileNotFoundError naming root when it has no class
+            raise MissingDataError(f"image folder {root} does not exist")
         try:
+            classes, class_to_idx = find_classes(root)
             samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError as error:  # a class folder without images: torchvision names the class only
-            raise FileNotFoundError(f"image folder {root}: {error}") from None
+        except FileNotFoundError as error:  # no class folder, or one without images (named without root)
+            raise MissingDataError(f"image folder {root}: {error}") from None
         super().__init__(samples, classes, len(classes), transform, skip_corrupt, ignore_stand_ins)
         self.root = root
 
@@ -136,7 +133,7 @@ class FolderDataset(ImageDataset):
 def read_map_file(path: str) -> list[tuple[str, int]]:
     """Parse a released ``*_map.txt``: one ``<path inside the zip>\\t<class index>`` per line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"zip map file {path} does not exist")
+        raise MissingDataError(f"zip map file {path} does not exist")
     samples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -144,10 +141,10 @@ def read_map_file(path: str) -> list[tuple[str, int]]:
                 continue
             parts = line.rstrip("\r\n").split("\t")
             if len(parts) != 2 or not parts[1].strip().isdigit():
-                raise ValueError(f"{path}:{number}: expected '<path>\\t<class index>', got {line.strip()!r}")
+                raise DataError(f"{path}:{number}: expected '<path>\\t<class index>', got {line.strip()!r}")
             samples.append((parts[0], int(parts[1])))
     if not samples:
-        raise ValueError(f"zip map file {path} lists no images")
+        raise DataError(f"zip map file {path} lists no images")
     return samples
 
 
@@ -159,7 +156,7 @@ def cache_indices(cache_mode: str, num_samples: int, rank: int, world_size: int)
         return shard_indices(num_samples, rank, world_size)
     if cache_mode == "full":
         return range(num_samples)
-    raise ValueError(f"DATA.CACHE_MODE must be one of {CACHE_MODES}, got {cache_mode!r}")
+    raise ConfigError(f"DATA.CACHE_MODE must be one of {CACHE_MODES}, got {cache_mode!r}")
 
 
 class ZipDataset(ImageDataset):
@@ -182,7 +179,7 @@ class ZipDataset(ImageDataset):
         ignore_stand_ins: bool = False,
     ) -> None:
         if not os.path.isfile(zip_path):
-            raise FileNotFoundError(f"zip file {zip_path} does not exist")
+            raise MissingDataError(f"zip file {zip_path} does not exist")
         samples = read_map_file(map_path)
         labels = sorted({label for _, label in samples})
         classes = [str(label) for label in labels]
@@ -195,7 +192,11 @@ class ZipDataset(ImageDataset):
     def _read_cache(self, indices: Iterable[int]) -> dict[int, bytes]:
         """The bytes of ``indices``; members missing from the zip are left out (they fail when loaded)."""
         cache = {}
-        with zipfile.ZipFile(self.zip_path) as archive:
+        try:
+            archive = zipfile.ZipFile(self.zip_path)
+        except zipfile.BadZipFile as error:
+            raise DataError(f"zip file {self.zip_path} cannot be read as a zip archive: {error}") from None
+        with archive:
             for index in indices:
                 try:
                     cache[index] = archive.read(self.samples[index][0])

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from yacs.config import CfgNode
 
+from utils.errors import DataError
 from utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -258,7 +259,7 @@ def ensure_toy_data(
     """Return the folder of the toy set, generating it first when no process has done so yet.
 
     Safe when several processes call it at once: one generates, the others wait for its marker
-    (``TimeoutError`` after ``timeout_s``). A finished set is recognised by its marker file.
+    (``DataError`` after ``timeout_s``). A finished set is recognised by its marker file.
     """
     final = toy_dataset_dir(root, image_size, train_per_class, val_per_class)
     marker = final / _MARKER
@@ -268,7 +269,7 @@ def ensure_toy_data(
     while not marker.exists():
         # A complete set appears at once (renamed with its marker), so a folder without one is foreign.
         if final.exists() and not marker.exists():
-            raise ValueError(f"toy data folder {final} is incomplete (no {_MARKER} file); delete it")
+            raise DataError(f"toy data folder {final} is incomplete (no {_MARKER} file); delete it")
         if _try_lock(lock):
             try:
                 if not marker.exists():
@@ -277,7 +278,7 @@ def ensure_toy_data(
             finally:
                 lock.unlink(missing_ok=True)
         elif time.monotonic() > deadline:
-            raise TimeoutError(f"toy data {final} not ready after {timeout_s:.0f}s; is {lock} stale?")
+            raise DataError(f"toy data {final} not ready after {timeout_s:.0f}s; is {lock} stale?")
         else:
             _remove_stale_lock(lock)
             time.sleep(poll_s)

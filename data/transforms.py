@@ -19,6 +19,8 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
 from yacs.config import CfgNode
 
+from utils.errors import ConfigError
+
 # ImageNet evaluation protocol: resize to IMG_SIZE / 0.875 (224 -> 256), then centre crop IMG_SIZE.
 EVAL_CROP_PCT = 0.875
 # Largest input size trained with a padded random crop instead of a random resized crop.
@@ -64,7 +66,7 @@ def _train_transform(config: CfgNode) -> transforms.Compose:
             interpolation=config.DATA.INTERPOLATION,
         )
     except AssertionError as error:  # timm's policy parsers assert on a section they do not know
-        raise ValueError(f"timm cannot build AUG.AUTO_AUGMENT {aug.AUTO_AUGMENT!r}: {error}") from None
+        raise ConfigError(f"timm cannot build AUG.AUTO_AUGMENT {aug.AUTO_AUGMENT!r}: {error}") from None
     for op in _augment_ops(transform):
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize

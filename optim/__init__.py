@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
+from utils.errors import ConfigError
 from utils.logger import get_logger
 
 __all__ = ["build_optimizer", "param_groups_weight_decay", "scale_learning_rates"]
@@ -81,7 +82,7 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt_cfg.MOMENTUM, nesterov=True)
-    raise ValueError(f"unknown optimizer TRAIN.OPTIMIZER.NAME={opt_cfg.NAME!r}; expected 'adamw' or 'sgd'")
+    raise ConfigError(f"unknown optimizer TRAIN.OPTIMIZER.NAME={opt_cfg.NAME!r}; expected 'adamw' or 'sgd'")
 
 
 def scale_learning_rates(config: CfgNode, world_size: int) -> tuple[float, float, float]:

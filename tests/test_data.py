@@ -38,6 +38,7 @@ from data.datasets import IGNORED_LABEL
 from data.resumable import ResumableSampler
 from data.toy import toy_dataset_dir, toy_root
 from engine import evaluate
+from utils.errors import ConfigError, DataError, MissingDataError
 
 TOY_SIZE = 16
 TOY_TRAIN = 3
@@ -164,7 +165,7 @@ def test_toy_root_defaults_to_the_repo_cache() -> None:
 
 def test_toy_incomplete_folder_is_an_error(tmp_path: Path) -> None:
     toy_dataset_dir(tmp_path, TOY_SIZE, TOY_TRAIN, TOY_VAL).mkdir()
-    with pytest.raises(ValueError, match="incomplete"):
+    with pytest.raises(DataError, match="incomplete"):
         _toy(tmp_path)
 
 
@@ -229,19 +230,19 @@ def test_zip_reads_in_forked_workers_after_the_parent_read(zip_dir: Path) -> Non
 
 
 def test_zip_unknown_cache_mode_is_an_error(zip_dir: Path) -> None:
-    with pytest.raises(ValueError, match="DATA.CACHE_MODE"):
+    with pytest.raises(ConfigError, match="DATA.CACHE_MODE"):
         ZipDataset(str(zip_dir / "val.zip"), str(zip_dir / "val_map.txt"), cache_mode="some")
 
 
 def test_zip_malformed_map_line_is_an_error(zip_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "val_map.txt").write_text("a.JPEG\t0\nb.JPEG 1\n")
-    with pytest.raises(ValueError, match=r"val_map.txt:2"):
+    with pytest.raises(DataError, match=r"val_map.txt:2"):
         ZipDataset(str(zip_dir / "val.zip"), str(tmp_path / "val_map.txt"))
 
 
 def test_zip_missing_map_file_is_named(zip_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "train.zip").write_bytes((zip_dir / "train.zip").read_bytes())
-    with pytest.raises(FileNotFoundError, match="train_map.txt"):
+    with pytest.raises(MissingDataError, match="train_map.txt"):
         build_dataset(True, _config(DATA_PATH=str(tmp_path), ZIP_MODE=True))
 
 
@@ -249,24 +250,24 @@ def test_zip_missing_map_file_is_named(zip_dir: Path, tmp_path: Path) -> None:
 
 
 def test_unset_data_path_is_an_error() -> None:
-    with pytest.raises(ValueError, match="DATA.DATA_PATH"):
+    with pytest.raises(ConfigError, match="DATA.DATA_PATH"):
         build_dataset(True, _config(DATA_PATH=""))
 
 
 def test_missing_data_path_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(MissingDataError, match=re.escape(str(missing))):
         build_dataset(True, _config(DATA_PATH=str(missing)))
 
 
 def test_empty_data_path_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train"))):
+    with pytest.raises(MissingDataError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(True, _config(DATA_PATH=str(tmp_path)))
 
 
 def test_folder_without_class_folders_is_named(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train"))):
+    with pytest.raises(MissingDataError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(True, _config(DATA_PATH=str(tmp_path)))
 
 
@@ -274,7 +275,7 @@ def test_batch_larger_than_a_process_share_of_the_train_set_is_named(tmp_path: P
     root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])  # 4 training images
     cfg = _config(DATA_PATH=str(root), BATCH_SIZE=4)
     cfg.MODEL.NUM_CLASSES = 2
-    with pytest.raises(ValueError, match="BATCH_SIZE 4 is more than the 2 training images each of the 2 processes"):
+    with pytest.raises(ConfigError, match="BATCH_SIZE 4 is more than the 2 training images each of the 2 processes"):
         build_loader(cfg, 0, 2)
 
 
@@ -282,7 +283,7 @@ def test_train_and_val_classes_that_differ_are_named(tmp_path: Path) -> None:
     root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "cat"])
     cfg = _config(DATA_PATH=str(root))
     cfg.MODEL.NUM_CLASSES = 2
-    with pytest.raises(ValueError, match=r"only in train \['bee'\], only in val \['cat'\]"):
+    with pytest.raises(DataError, match=r"only in train \['bee'\], only in val \['cat'\]"):
         build_loader(cfg, 0, 1)
 
 
@@ -290,7 +291,7 @@ def test_num_classes_mismatch_names_both_numbers(tmp_path: Path) -> None:
     root = _make_folder_set(tmp_path, train=["ant", "bee"], val=["ant", "bee"])
     cfg = _config(DATA_PATH=str(root))
     cfg.MODEL.NUM_CLASSES = 1000
-    with pytest.raises(ValueError, match=r"MODEL.NUM_CLASSES is 1000 but the dataset has 2 classes"):
+    with pytest.raises(ConfigError, match=r"MODEL.NUM_CLASSES is 1000 but the dataset has 2 classes"):
         build_dataset(False, cfg)
 
 
@@ -343,14 +344,14 @@ def test_unreadable_val_image_is_left_out_of_evaluation(tmp_path: Path) -> None:
 def test_class_folder_without_images_names_the_split(tmp_path: Path) -> None:
     root = _make_folder_set(tmp_path, train=["ant"], val=["ant"])
     (root / "val" / "fish").mkdir()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"image folder {root / 'val'}: ") + ".*fish"):
+    with pytest.raises(MissingDataError, match=re.escape(f"image folder {root / 'val'}: ") + ".*fish"):
         FolderDataset(str(root / "val"))
 
 
 def test_auto_augment_section_timm_does_not_know_is_named() -> None:
     cfg = _config()
     cfg.AUG.AUTO_AUGMENT = "rand-m9-xyz3"
-    with pytest.raises(ValueError, match="timm cannot build AUG.AUTO_AUGMENT 'rand-m9-xyz3'"):
+    with pytest.raises(ConfigError, match="timm cannot build AUG.AUTO_AUGMENT 'rand-m9-xyz3'"):
         build_transform(True, cfg)
 
 

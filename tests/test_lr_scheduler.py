@@ -10,6 +10,7 @@ import torch
 
 from config import get_default_config
 from lr_scheduler import IterLRScheduler, LRSchedule, build_scheduler
+from utils.errors import ConfigError
 
 BASE_LR, WARMUP_LR, MIN_LR = 1e-3, 1e-6, 1e-5
 ITERS = 10  # optimizer steps per epoch
@@ -127,7 +128,7 @@ def test_a_changed_config_wins_over_the_saved_schedule(caplog, monkeypatch):
 
 
 def test_unknown_scheduler_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="poly"):
+    with pytest.raises(ConfigError, match="poly"):
         _scheduler("poly")
 
 

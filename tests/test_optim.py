@@ -8,6 +8,7 @@ from torch import nn
 
 from config import get_default_config
 from optim import build_optimizer, param_groups_weight_decay, scale_learning_rates
+from utils.errors import ConfigError
 
 
 class TinyModel(nn.Module):
@@ -95,7 +96,7 @@ def test_sgd_uses_nesterov_momentum():
 
 
 def test_unknown_optimizer_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="lamb"):
+    with pytest.raises(ConfigError, match="lamb"):
         build_optimizer(_config(**{"TRAIN.OPTIMIZER.NAME": "lamb"}), TinyModel())
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -25,12 +26,14 @@ from utils.amp import GradientStepper, resolve_amp_dtype
 from utils.checkpoint import (
     CheckpointManager,
     CorruptCheckpointError,
+    MissingCheckpointError,
     UnsafeCheckpointError,
     capture_rng_state,
     load_checkpoint_file,
     restore_rng_state,
     save_checkpoint_atomic,
 )
+from utils.errors import ConfigError
 from utils.logger import create_logger, get_logger
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
 
@@ -266,9 +269,10 @@ def test_damaged_file_is_corrupt_error_naming_it(tmp_path, damage):
         load_checkpoint_file(path)
 
 
-def test_missing_file_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint_file(str(tmp_path / "nope.pth"))
+@pytest.mark.parametrize("name", ["nope.pth", "nope.safetensors"])
+def test_missing_file_is_file_not_found(tmp_path, name):
+    with pytest.raises(MissingCheckpointError, match=f"checkpoint {re.escape(str(tmp_path / name))} does not exist"):
+        load_checkpoint_file(str(tmp_path / name))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def test_resolve_amp_dtype_on_cpu(name, expected):
 
 
 def test_unknown_amp_dtype_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="fp8"):
+    with pytest.raises(ConfigError, match="fp8"):
         resolve_amp_dtype("fp8", "cpu")
 
 

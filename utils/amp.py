@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from utils.errors import ConfigError
 from utils.logger import get_logger
 
 __all__ = ["GradientStepper", "resolve_amp_dtype"]
@@ -35,7 +36,7 @@ def resolve_amp_dtype(name: str, device: torch.device | str) -> torch.dtype | No
         on_cuda = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     if key not in _NAMED_DTYPES:
-        raise ValueError(f"unknown AMP_DTYPE {name!r}; expected 'auto', {', '.join(map(repr, _NAMED_DTYPES))}")
+        raise ConfigError(f"unknown AMP_DTYPE {name!r}; expected 'auto', {', '.join(map(repr, _NAMED_DTYPES))}")
     return _NAMED_DTYPES[key]
 
 

@@ -1,0 +1,70 @@
+"""The project's error types: what ``main.py`` reports as one line instead of a traceback.
+
+Every error here means bad input (a config value, a data folder, a checkpoint) or a run that cannot go on
+(a non-finite loss, a collective that failed because another rank died). ``main.py`` reports a
+``FocalError`` in one line with exit status 1 and writes its traceback to the rank's log file only; any
+other exception is a bug and keeps its traceback. Each class also keeps the builtin base its raise sites
+had before (``ValueError``, ``FileNotFoundError``, ``RuntimeError``), so callers that catch those still work.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CollectiveError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "CorruptImageError",
+    "DataError",
+    "FocalError",
+    "MissingCheckpointError",
+    "MissingDataError",
+    "NonFiniteLossError",
+    "UnsafeCheckpointError",
+]
+
+
+class FocalError(Exception):
+    """Bad input or a failed run: main.py reports it in one line (exit 1) and logs the traceback to the rank's
+    log file only."""
+
+
+class ConfigError(FocalError, ValueError):
+    """A config file, override or flag that cannot be applied; the message names the key."""
+
+
+class CheckpointError(FocalError, RuntimeError):
+    """A checkpoint file that cannot be loaded; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle needs classes or functions outside the allow-list (it could run code)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that is truncated, damaged or not a ``torch.save`` file at all."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist."""
+
+
+class DataError(FocalError, ValueError):
+    """A dataset that cannot be used as it is (a bad map file, splits with different classes); the message
+    names the file or folder."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+class MissingDataError(FocalError, FileNotFoundError):
+    """A file or folder of the dataset that does not exist (or holds no images); the message names it."""
+
+
+class NonFiniteLossError(FocalError, RuntimeError):
+    """Training produced a NaN/inf loss; the message names the epoch and step."""
+
+
+class CollectiveError(FocalError, RuntimeError):
+    """A collective failed, most likely because another rank died or timed out."""
