@@ -79,6 +79,7 @@ class FocalBackbone(FocalTrunk):
         self.layers = nn.ModuleList(model.layers[: last + 1])
         if self.layers[last].downsample is not None:
             self.layers[last].downsample.requires_grad_(False)
+        self.norm = nn.Identity()  # the classifier's final norm is not part of the backbone (norm{i} are its own)
         for i in out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(model.feature_info[i]["num_chs"]))
 
