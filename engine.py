@@ -18,7 +18,7 @@ from torch import nn
 
 from data.datasets import IGNORED_LABEL
 from utils.amp import GradientStepper
-from utils.distributed import all_reduce_sum, is_main_process
+from utils.distributed import GradientSyncWatch, all_reduce_sum, is_main_process
 from utils.ema import ModelEma
 from utils.errors import NonFiniteLossError
 from utils.metrics import AverageMeter, MetricsWriter, accuracy_counts
@@ -51,6 +51,7 @@ class TrainState:
     seed: int = 0
     rank: int = 0
     ema: ModelEma | None = None  # updated after every optimizer step
+    gradient_sync: GradientSyncWatch | None = None  # DDP under gloo: a failed gradient all-reduce is a CollectiveError
 
 
 @dataclass
@@ -176,9 +177,10 @@ def train_one_epoch(
             stop_agreed = stop_agreed or stop
             grad_norm = None
             if finite:
-                grad_norm = state.stepper(
-                    loss / group_size, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
-                )
+                with state.gradient_sync.typed_failures() if state.gradient_sync else contextlib.nullcontext():
+                    grad_norm = state.stepper(
+                        loss / group_size, state.optimizer, model.parameters(), clip_grad=state.clip_grad, update=update
+                    )
             elif not state.skip_nonfinite:
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch} step {step} (global step {state.global_step}); "

@@ -37,13 +37,14 @@ from data import build_loader
 from data.resumable import resumable_sampler
 from engine import EpochMeters, TrainState, evaluate, measure_throughput, train_one_epoch
 from lr_scheduler import build_scheduler
-from models import CheckpointMismatchError, build_model
+from models import build_model
 from optim import build_optimizer, scale_learning_rates
 from resume import Trainer, keep_metrics_before, load_model_weights, resume, save_checkpoint
 from utils.amp import GradientStepper, resolve_amp_dtype
 from utils.checkpoint import CheckpointManager, write_text_atomic
 from utils.distributed import (
     DistInfo,
+    GradientSyncWatch,
     StopRequest,
     any_rank,
     cleanup,
@@ -56,8 +57,8 @@ from utils.metrics import MetricsWriter
 from utils.runtime import configure_runtime
 
 # Errors that mean bad input or a failed run rather than a bug: reported as one line, exit status 1; any other
-# error keeps its traceback. CheckpointMismatchError: a checkpoint that does not fit the model.
-RUN_ERRORS = (FocalError, dist.DistError, CheckpointMismatchError)
+# error keeps its traceback.
+RUN_ERRORS = (FocalError, dist.DistError)
 # A collective failed, usually because another rank died or timed out (DistError: NCCL's and the store's).
 COLLECTIVE_ERRORS = (CollectiveError, dist.DistError)
 # A message longer than this (e.g. from a collective's C++ backend) is cut in the one-line report.
@@ -138,6 +139,7 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
         # a collective there would fail untyped (a plain RuntimeError under gloo) when another rank dies.
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    gradient_sync = GradientSyncWatch().attach(model) if dist_info.is_distributed and device.type == "cpu" else None
     if config.TRAIN.COMPILE:
         model = torch.compile(model)
     ema = ModelEma(model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP) if config.MODEL_EMA else None
@@ -174,6 +176,7 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
         seed=config.SEED,
         rank=dist_info.rank,
         ema=ema,
+        gradient_sync=gradient_sync,
     )
     checkpoints = CheckpointManager(config.OUTPUT, keep=config.SAVE_KEEP, logger=logger)
     return Trainer(config, dist_info, model, model_without_ddp, data, state, checkpoints, metrics, logger)

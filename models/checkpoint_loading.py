@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from utils.checkpoint import load_checkpoint_file
+from utils.errors import CheckpointError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError, ValueError):
     """A state dict that does not fit the model; the message names the offending keys and shapes."""
 
 

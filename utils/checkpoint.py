@@ -33,12 +33,20 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from utils.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    MissingCheckpointError,
+    UnsafeCheckpointError,
+)
 from utils.logger import get_logger
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CorruptCheckpointError",
+    "MissingCheckpointError",
     "SAFETENSORS_EMA_PREFIX",
     "UnsafeCheckpointError",
     "capture_rng_state",
@@ -61,18 +69,6 @@ _TEMP_PATTERN = re.compile(r"\..+\.pth\.[0-9a-f]{32}\.tmp")
 _SAFETENSORS_SUFFIX = ".safetensors"
 # Keys of a .safetensors file that hold the EMA weights (tools/convert_checkpoint.py writes them).
 SAFETENSORS_EMA_PREFIX = "model_ema."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be loaded; the message names the file."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint whose pickle needs classes or functions outside the allow-list (it could run code)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint that is truncated, damaged or not a ``torch.save`` file at all."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,8 +191,6 @@ def _load_safetensors(path: str, map_location: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     device = map_location if isinstance(map_location, str) else str(torch.device(map_location))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         state_dict = load_file(path, device=device)
     except (SafetensorError, ValueError, EOFError) as err:
@@ -225,12 +219,14 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = Fals
 
     ``mmap=True`` maps tensor data lazily instead of reading it, which makes checking a large file
     cheap. Raises ``UnsafeCheckpointError`` when the file needs anything outside the allow-list,
-    ``CorruptCheckpointError`` when it is truncated or damaged, ``FileNotFoundError`` when missing and
-    ``CheckpointError`` when it is a directory. A ``.safetensors`` file gives ``{'model': state_dict}`` plus
-    what its JSON sidecar holds.
+    ``CorruptCheckpointError`` when it is truncated or damaged, ``MissingCheckpointError`` (a
+    ``FileNotFoundError``) when missing and ``CheckpointError`` when it is a directory. A ``.safetensors``
+    file gives ``{'model': state_dict}`` plus what its JSON sidecar holds.
     """
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a directory; pass a checkpoint file")
+    if not os.path.exists(path):
+        raise MissingCheckpointError(f"checkpoint {path} does not exist")
     if str(path).endswith(_SAFETENSORS_SUFFIX):
         return _load_safetensors(str(path), map_location)
     safe = torch.serialization.safe_globals([(_CfgNodeStandIn, "yacs.config.CfgNode")])
@@ -272,7 +268,7 @@ class CheckpointManager:
 
     def __init__(self, output_dir: str, keep: int = 3, logger: logging.Logger | None = None) -> None:
         if keep < 0:
-            raise ValueError(f"keep must be >= 0, got {keep}")
+            raise ConfigError(f"keep (SAVE_KEEP) must be >= 0, got {keep}")
         self.output_dir = output_dir
         self.keep = keep
         self.logger = logger or _logger

@@ -8,6 +8,7 @@ under ``python main.py`` and under ``torchrun``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -16,19 +17,22 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from utils.errors import CollectiveError
 from utils.logger import get_logger
 
 __all__ = [
     "STOP_SIGNALS",
     "DistInfo",
+    "GradientSyncWatch",
     "StopRequest",
     "all_gather_objects",
     "all_reduce_sum",
@@ -155,21 +159,81 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _collective(name: str) -> Iterator[None]:
+    """Turn a failure of the backend in collective ``name`` into ``CollectiveError``.
+
+    gloo raises a plain RuntimeError when a peer dies ("Connection closed by peer") or a wait times out, NCCL a
+    ``dist.DistError``; neither says by its type that the cause is another rank, so the collective says it.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        raise CollectiveError(f"{name} failed: {error}") from error
+
+
 def is_main_process() -> bool:
     """True on rank 0, and in a single-process run."""
     return not _distributed() or dist.get_rank() == 0
 
 
+class GradientSyncWatch:
+    """DDP's gradient all-reduce (its default: average over ranks) as a comm hook that remembers a failure.
+
+    gloo fails a collective with a plain RuntimeError; raised from inside backward it cannot be told from a bug
+    by its type. ``typed_failures`` turns it into ``CollectiveError`` exactly when this all-reduce is what failed
+    (by where it came from, not by its message). NCCL raises ``dist.DistError`` subclasses itself, so ``attach``
+    is meant for gloo. (DDP's one bucket rebuild, in the second step's forward, is not covered.)
+    """
+
+    def __init__(self) -> None:
+        self.failure: BaseException | None = None
+
+    def attach(self, ddp_model: torch.nn.parallel.DistributedDataParallel) -> GradientSyncWatch:
+        ddp_model.register_comm_hook(self, GradientSyncWatch._allreduce)
+        return self
+
+    @staticmethod
+    def _allreduce(watch, bucket):  # no annotations: DDP checks them against the real classes, which strings are not
+        """(this watch, a dist.GradBucket) -> torch.futures.Future of the averaged bucket."""
+
+        def result(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            try:
+                return done.value()
+            except RuntimeError as error:
+                watch.failure = error
+                raise
+
+        try:
+            return default_hooks.allreduce_hook(None, bucket).then(result)
+        except RuntimeError as error:
+            watch.failure = error
+            raise
+
+    @contextlib.contextmanager
+    def typed_failures(self) -> Iterator[None]:
+        """Run a backward pass; a failure of the gradient all-reduce in it is raised as ``CollectiveError``."""
+        self.failure = None
+        try:
+            yield
+        except RuntimeError as error:
+            if self.failure is None:
+                raise  # not the all-reduce: a bug keeps its traceback
+            raise CollectiveError(f"DDP's gradient all_reduce failed: {self.failure}") from error
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single-process run)."""
     if _distributed():
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place and return it (unchanged in a single-process run)."""
     if _distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with _collective("all_reduce"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -184,7 +248,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if not _distributed():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -193,12 +258,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _collective("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (``device``: where the backend reduces)."""
+    """True on every rank when ``flag`` is true on at least one (``device``: where the backend reduces).
+
+    Like the other collectives here, raises ``CollectiveError`` when the backend fails (through ``all_reduce_sum``).
+    """
     if not _distributed():
         return flag
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
