@@ -624,8 +624,10 @@ class FocalTransformer(FocalTrunk):
     def set_attn_impl(self, attn_impl: str) -> None:
         """Choose the attention implementation of every block (``focal_attention.attention_path``).
 
-        "auto" (default): the fused Triton kernels on CUDA, image by image on CPU, the reference while
-        ``torch.export`` traces; "reference": gathered keys and one ``scaled_dot_product_attention`` everywhere.
+        "auto" (default): the fused Triton kernels on CUDA, the chunked CPU path on CPU, the reference with attention
+        dropout or what the kernels do not take; "reference": gathered keys and one ``scaled_dot_product_attention``
+        everywhere; "fused" / "chunked": that implementation or an error saying why it cannot run. Every choice
+        takes the reference while ``torch.export`` traces.
         """
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")

@@ -14,9 +14,10 @@ straight into the (B, Hp, Wp, C) map, so nothing is gathered, scattered, concate
   in registers (chunks are summed after).
 
 The two kernels are custom operators (``focal::fused_attention_forward`` / ``_backward``) chained by autograd, so
-``torch.compile`` sees each as one call. The math is that of ``focal_attention.windowed_focal_attention``:
-softmax(q k^T * scale + bias) v with the same keys and biases; fp32 inputs use IEEE fp32 products (no TF32); any
-head dimension (padded to a power of two).
+``torch.compile`` sees each as one call. ``fused_focal_attention`` computes
+``focal_attention.reference_focal_attention`` with the same arguments (no dropout): softmax(q k^T * scale + bias +
+mask) v with the same keys; fp32 inputs use IEEE fp32 products (no TF32); any head dimension (padded to a power of
+two).
 Used on CUDA for fp32/bf16/fp16 without attention dropout (``supports``); tests run the same kernels on CPU tensors
 through Triton's interpreter.
 """
@@ -26,6 +27,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from .attention_layout import full_bias
 
 try:
     import triton
@@ -350,17 +353,17 @@ def fused_focal_attention(
     pooled_kv: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
     window_size: int,
     num_heads: int,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v for every window, keys read through ``key_index``; see the module docstring.
-
-    qkv: (B, Hp, Wp, 3C), the map's q, k, v (heads-major within each); pooled_kv: (B, L_pooled, 2C), k then v of
-    the pooled maps and any zero slot; key_index: (nW, N) into the key source [map tokens, pooled rows];
-    bias: (nW, nH, ws*ws, N). Returns the (B, Hp, Wp, C) map in qkv's dtype. Gradients of gradients are refused
-    (the backward operator has no derivative).
+    """``focal_attention.reference_focal_attention`` without dropout, keys read through ``key_index`` by the kernels:
+    the same arguments and the same (B, Hp, Wp, C) result in qkv's dtype; see the module docstring. The kernels read
+    the bias plus the mask as one (nW, nH, ws*ws, N) tensor, whose gradient autograd sums back onto ``bias``.
+    Gradients of gradients are refused (the backward operator has no derivative).
     """
+    bias = full_bias(bias, mask, key_index.shape[0])  # (nW, nH, ws*ws, N)
     _check_shapes(qkv, pooled_kv, key_index, bias, window_size, num_heads)
     out, _ = _attention_forward(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
     return out

@@ -1,4 +1,5 @@
-"""The per-image CPU attention (hand-written backward) against autograd through the batched attention.
+"""The chunked CPU attention (hand-written backward) against autograd through the reference attention, and the choice
+of implementation (``attn_impl``).
 
 The golden tests check the whole model with every input requiring a gradient; here each subset of
 (qkv, pooled k/v, bias) requires one, as when parts of a model are frozen, and repeated key rows (the index
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_reference import gathered_attention
 
-from models import focal_attention as focal_attention_module
-from models.focal_attention import attend_per_image, full_bias
+from models import cpu_focal_attention, fused_focal_attention
+from models.cpu_focal_attention import chunked_focal_attention
+from models.focal_attention import attention_path, reference_focal_attention
 
 B, MAP, WS, HEADS, HEAD_DIM, KEYS, POOLED = 2, 12, 4, 2, 4, 11, 5
 N_WINDOWS, SOURCE_LEN = (MAP // WS) ** 2, MAP * MAP + POOLED
@@ -41,34 +42,28 @@ def inputs(
     return qkv, pooled_kv, key_index, bias, mask
 
 
-def batched_reference(qkv, pooled_kv, key_index, bias, mask, scale, num_heads):
-    """The same attention with plain autograd: gather every image's keys, one fused call."""
-    bias = full_bias(bias, mask, key_index.shape[0])
-    return gathered_attention(qkv, pooled_kv, key_index, bias, scale, WS, num_heads)
-
-
 @pytest.mark.parametrize("shared_bias", [False, True], ids=["window-bias", "shared-bias-and-mask"])
 @pytest.mark.parametrize("windows_per_chunk", [None, 1, 2], ids=["default-chunks", "1-window", "2-windows"])
 @pytest.mark.parametrize("trainable", [(0, 1, 3), (0,), (1,), (3,), (1, 3)], ids=str)
-def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, shared_bias, monkeypatch):
+def test_chunked_attention_matches_the_reference(trainable, windows_per_chunk, shared_bias, monkeypatch):
     """Every image's windows in one chunk, one window per chunk, and 2 per chunk (9 windows: the last chunk shorter)."""
     if windows_per_chunk is not None:
-        per_window = focal_attention_module.window_bytes(HEADS, WS * WS, KEYS, HEAD_DIM, 8)
-        monkeypatch.setattr(focal_attention_module, "CHUNK_BYTES", windows_per_chunk * per_window)
+        per_window = cpu_focal_attention.window_bytes(HEADS, WS * WS, KEYS, HEAD_DIM, 8)
+        monkeypatch.setattr(cpu_focal_attention, "CHUNK_BYTES", windows_per_chunk * per_window)
     scale = HEAD_DIM**-0.5
     grads = []
-    for attend in (attend_per_image, batched_reference):
+    for attend in (chunked_focal_attention, reference_focal_attention):
         tensors = list(inputs(shared_bias=shared_bias))
         for position in trainable:
             tensors[position].requires_grad_(True)
         qkv, pooled_kv, key_index, bias, mask = tensors
-        out = attend(qkv, pooled_kv, key_index, bias, mask, scale, HEADS)
+        out = attend(qkv, pooled_kv, key_index, bias, mask, scale, WS, HEADS)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         (out * weights).sum().backward()
         grads.append((out.detach(), [tensors[position].grad for position in trainable]))
-    (out, per_image), (expected_out, expected) = grads
+    (out, chunked), (expected_out, expected) = grads
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
-    for actual, wanted in zip(per_image, expected):
+    for actual, wanted in zip(chunked, expected):
         assert actual is not None and wanted.abs().max() > 0
         torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-12)
 
@@ -76,6 +71,41 @@ def test_per_image_attention_matches_autograd(trainable, windows_per_chunk, shar
 def test_inference_path_matches_training_path():
     qkv, pooled_kv, key_index, bias, mask = inputs(shared_bias=True)
     with torch.no_grad():
-        inference = attend_per_image(qkv, pooled_kv, key_index, bias, mask, 0.5, HEADS)
-    training = attend_per_image(qkv.requires_grad_(True), pooled_kv, key_index, bias, mask, 0.5, HEADS)
+        inference = chunked_focal_attention(qkv, pooled_kv, key_index, bias, mask, 0.5, WS, HEADS)
+    training = chunked_focal_attention(qkv.requires_grad_(True), pooled_kv, key_index, bias, mask, 0.5, WS, HEADS)
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("attn_impl", "dropout_p", "dtype", "path"),
+    [
+        ("auto", 0.0, torch.float32, "chunked"),
+        ("auto", 0.0, torch.float64, "chunked"),
+        ("auto", 0.1, torch.float32, "reference"),  # attention dropout: only the reference has it
+        ("reference", 0.0, torch.float32, "reference"),
+        ("chunked", 0.0, torch.float32, "chunked"),
+        pytest.param(  # asked for: on CPU tensors through Triton's interpreter
+            "fused",
+            0.0,
+            torch.float32,
+            "fused",
+            marks=pytest.mark.skipif(fused_focal_attention.triton is None, reason="no triton"),
+        ),
+    ],
+)
+def test_attention_path_on_cpu(attn_impl, dropout_p, dtype, path):
+    assert attention_path(torch.zeros(1, 4, 4, 24, dtype=dtype), dropout_p, attn_impl) == path
+
+
+@pytest.mark.parametrize(
+    ("attn_impl", "dropout_p", "dtype", "message"),
+    [
+        ("flash", 0.0, torch.float32, "attn_impl must be one of"),
+        ("fused", 0.1, torch.float32, "attn_impl='fused' needs"),
+        ("fused", 0.0, torch.float64, "attn_impl='fused' needs"),
+        ("chunked", 0.1, torch.float32, "attn_impl='chunked' has no attention dropout"),
+    ],
+)
+def test_an_implementation_that_cannot_run_the_call_is_refused(attn_impl, dropout_p, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        attention_path(torch.zeros(1, 4, 4, 24, dtype=dtype), dropout_p, attn_impl)

@@ -14,7 +14,6 @@ import torch
 import torch._dynamo
 
 from models import FocalTransformerV2
-from models import focal_attention as focal_attention_module
 from models import fused_focal_attention as fused
 from tests.tiny_models import TINY_FOCAL, tiny_focal
 
@@ -61,18 +60,13 @@ needs_triton = pytest.mark.skipif(fused.triton is None, reason="triton is not in
 FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in Triton's interpreter
 
 
-@pytest.fixture
-def fused_path(monkeypatch):
-    """Route CPU attention through the fused kernels too (tests/conftest.py picks the interpreter without a GPU)."""
-    monkeypatch.setattr(focal_attention_module, "FUSED_DEVICES", {"cpu", "cuda"})
-
-
 @needs_triton
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_fused_attention_has_no_graph_break(fused_path, version, train):
+def test_fused_attention_has_no_graph_break(version, train):
     torch.manual_seed(0)
     model = tiny_focal(drop_path_rate=0.0) if version == "v1" else FocalTransformerV2(**TINY_V2)
+    model.set_attn_impl("fused")  # on CPU through Triton's interpreter (tests/conftest.py)
     explanation = explain(model, train, FUSED_DEVICE)
     assert break_reasons(explanation) == []
     (graph,) = explanation.graphs
@@ -80,10 +74,11 @@ def test_fused_attention_has_no_graph_break(fused_path, version, train):
 
 
 @needs_triton
-def test_compiled_fused_attention_matches_eager(fused_path):
+def test_compiled_fused_attention_matches_eager():
     """One full graph, forward and backward (AOTAutograd through the operators' fake versions, then run eagerly):
     the same logits and parameter gradients as the uncompiled model."""
     model = tiny_focal(drop_path_rate=0.0).to(FUSED_DEVICE)
+    model.set_attn_impl("fused")
     images = torch.randn(2, 3, TINY_FOCAL["img_size"], TINY_FOCAL["img_size"], device=FUSED_DEVICE)
 
     def logits_and_gradients(forward):

@@ -1,27 +1,27 @@
 """The fused Triton focal attention (GPU path) computes what the gathered-key attention computes, forward and backward.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (tests/conftest.py); on a GPU they run
-compiled. The reference is the batched path, ``scaled_dot_product_attention`` over gathered keys, in float64.
+compiled. The reference is ``focal_attention.reference_focal_attention`` (``scaled_dot_product_attention`` over
+gathered keys), in float64, called with the same arguments.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from attention_reference import gathered_attention
 from golden import FP32_LOGITS_ATOL, GOLDEN, golden_id, gradient_errors, load_fixture, loaded_model
 
-from models import focal_attention as focal_attention_module
 from models import fused_focal_attention as fused
+from models.focal_attention import reference_focal_attention
 
 pytestmark = pytest.mark.skipif(fused.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, HEADS = 3, 2
 
 
-def reference(qkv, pooled_kv, key_index, bias, scale, window_size):
-    """The batched path's math in float64: (B, Hp, Wp, C)."""
-    return gathered_attention(qkv, pooled_kv, key_index, bias, scale, window_size, HEADS)
+def reference(qkv, pooled_kv, key_index, bias, scale, window_size, mask=None):
+    """The reference attention (float64 here): (B, Hp, Wp, C)."""
+    return reference_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale, window_size, HEADS)
 
 
 def inputs(window_size: int, windows_per_side: int, num_keys: int, head_dim: int, seed: int = 0):
@@ -55,9 +55,33 @@ def test_forward_matches_gathered_attention(shape):
     window_size = shape[0]
     qkv, pooled_kv, key_index, bias = inputs(*shape)
     expected = reference(qkv, pooled_kv, key_index, bias, 0.3, window_size)
-    out = fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), 0.3, window_size, HEADS)
+    out = fused.fused_focal_attention(
+        qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3, window_size, HEADS
+    )
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_shared_bias_and_mask_match_the_reference():
+    """v1's format: one (1, nH, n, N) bias shared by the windows plus a constant (nW, 1, n, N) mask; the bias gradient
+    is summed over the windows."""
+    qkv, pooled_kv, key_index, window_bias = inputs(4, 2, 70, 8, seed=3)
+    bias = window_bias[:1].clone()  # (1, nH, n, N)
+    mask = torch.zeros(key_index.shape[0], 1, 16, 70, dtype=torch.float64, device=DEVICE)
+    mask[1::2, ..., 5:9] = -100.0
+    outs, grads = [], []
+    for attend, dtype in ((reference, torch.float64), (attend_fused, torch.float32)):
+        leaf = bias.detach().to(dtype).requires_grad_(True)
+        out = attend(qkv.to(dtype), pooled_kv.to(dtype), key_index, leaf, 0.3, 4, mask=mask.to(dtype))
+        out.square().sum().backward()
+        outs.append(out.double())
+        grads.append(leaf.grad.double())
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    assert ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item() < 1e-5
+
+
+def attend_fused(qkv, pooled_kv, key_index, bias, scale, window_size, mask=None):
+    return fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale, window_size, HEADS)
 
 
 @pytest.mark.parametrize("target_programs", [1, 10**6], ids=["all-images-per-program", "one-image-per-program"])
@@ -72,9 +96,6 @@ def test_backward_matches_autograd(shape, target_programs, monkeypatch):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (qkv, pooled_kv, bias)]
         attend(*leaves[:2], key_index, leaves[2], 0.3, window_size).backward(grad_out.to(dtype))
         return [leaf.grad.double() for leaf in leaves]
-
-    def attend_fused(qkv, pooled_kv, index, b, scale, ws):
-        return fused.fused_focal_attention(qkv, pooled_kv, index, b, scale, ws, HEADS)
 
     expected = gradients(reference, torch.float64)
     actual = gradients(attend_fused, torch.float32)
@@ -93,7 +114,7 @@ def test_half_precision_forward_is_close(dtype, bias_dtype):
     qkv, pooled_kv, key_index, bias = inputs(4, 2, 70, 32, seed=2)
     expected = reference(qkv, pooled_kv, key_index, bias, 0.3, 4)
     bias = bias.float() if bias_dtype == "float32" else bias.to(dtype)
-    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias, 0.3, 4, HEADS)
+    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias, None, 0.3, 4, HEADS)
     assert out.dtype == dtype
     relative = ((out.double() - expected).norm() / expected.norm()).item()
     assert relative < 1e-2
@@ -109,15 +130,15 @@ def test_supports_only_what_the_kernels_take():
 def test_shapes_the_kernels_cannot_take_are_refused():
     qkv, pooled_kv, key_index, bias = inputs(3, 2, 70, 16)
     with pytest.raises(ValueError, match="windows of 4 tile"):
-        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), 0.3, 4, HEADS)
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3, 4, HEADS)
     with pytest.raises(ValueError, match="do not fit 4 windows"):
-        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), 0.3, 3, HEADS)
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), None, 0.3, 3, HEADS)
 
 
 def test_gradients_of_gradients_are_refused():
     qkv, pooled_kv, key_index, bias = (t.float() if t.is_floating_point() else t for t in inputs(3, 2, 70, 16))
     qkv.requires_grad_(True)
-    out = fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, 0.3, 3, HEADS)
+    out = fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, None, 0.3, 3, HEADS)
     (grad,) = torch.autograd.grad(out.sum(), qkv, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
@@ -133,12 +154,12 @@ def test_golden_fixture_through_the_fused_kernels(golden, monkeypatch):
     """A whole released-layout model (v1 or v2) with its attention in the fused kernels: fp32 logits as close to the
     released ones as the other paths get, and fp32 gradients close to the released fp64 ones."""
     model_class, path = golden
-    monkeypatch.setattr(focal_attention_module, "FUSED_DEVICES", {"cpu", "cuda"})
     calls = []
     attend = fused.fused_focal_attention
     monkeypatch.setattr(fused, "fused_focal_attention", lambda *args: calls.append(1) or attend(*args))
     fixture = load_fixture(path)
     model = loaded_model(model_class, fixture, torch.float32, DEVICE).train()
+    model.set_attn_impl("fused")
     logits = model(fixture["input"].to(DEVICE))
     assert len(calls) == sum(fixture["kwargs"]["depths"])  # every block attended in the kernels
     error = (logits.detach().cpu() - fixture["logits_fp32"]).abs().max().item()
