@@ -17,8 +17,10 @@ Deviations from the released code (none change an output of a configuration the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,13 +106,20 @@ def pool_map(x: torch.Tensor, method: str, layer: nn.Module | None, level: Poole
     return layer(cells).squeeze(-1)
 
 
+# ``focal_geometry.key_layout`` (CPU tensors, never modified in place) of the last few geometries asked for: blocks of
+# one stage share theirs, and inputs of other sizes than a block's resolution (a detection backbone's) are laid out once
+# per size instead of once per call (tens of ms a block at 56x56), in a bounded cache that holds no device memory.
+cached_key_layout = functools.lru_cache(maxsize=32)(key_layout)
+
+
 @register_notrace_module  # reason: pads, shifts and pools by the map's size (Python control flow on shapes)
 class FocalBlock(nn.Module):
     """Focal attention + MLP, pre-norm residual block. x: (B, H, W, C) -> (B, H, W, C).
 
     The attention is built and called through ``_build_attention`` / ``_attend`` and the configuration
     checked by ``_check_config``: the v2 block (focal_transformer_v2.py) overrides those three and the
-    per-window attention FLOPs, and shares the rest.
+    per-window attention FLOPs, and shares the rest. What its attention needs beyond v1's arguments comes in
+    ``attn_kwargs``, passed on to ``_build_attention`` (nothing is read from attributes set before construction).
     """
 
     def __init__(
@@ -132,9 +141,9 @@ class FocalBlock(nn.Module):
         drop_path: float = 0.0,
         use_layerscale: bool = False,
         layerscale_value: float = 1e-4,
+        attn_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._other_layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _attend
         H, W = input_resolution
         if min(H, W) <= window_size:  # one window covers the map (released rule, note the <=)
             window_size, expand_size, shift_size = min(H, W), 0, 0
@@ -161,7 +170,7 @@ class FocalBlock(nn.Module):
         pool_layers = [make_pool_layer(pool_method, dim, math.floor(window_size / 2**k)) for k in range(num_pooled)]
         self.pool_layers = nn.ModuleList(layer for layer in pool_layers if layer is not None)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = self._build_attention(num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = self._build_attention(num_heads, qkv_bias, qk_scale, attn_drop, drop, **(attn_kwargs or {}))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -211,10 +220,12 @@ class FocalBlock(nn.Module):
         return math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
 
     def _key_layout(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key layout (released key order) of an (H, W) input, on the CPU, from ``cached_key_layout``."""
         Hp, Wp = self._padded(H, W)
-        return key_layout(
-            Hp, Wp, self.window_size, self.expand_size, self.focal_window, self.num_pooled_levels, self.shift_size
-        )
+        with torch.device("cpu"):  # the geometry's data-dependent operations, whatever the default device
+            return cached_key_layout(
+                Hp, Wp, self.window_size, self.expand_size, self.focal_window, self.num_pooled_levels, self.shift_size
+            )
 
     def released_buffers(self) -> dict[str, torch.Tensor]:
         """Derived buffers of the released block (its shift mask), by name."""
@@ -243,13 +254,8 @@ class FocalBlock(nn.Module):
         """Attention of the padded, shifted map (B, Hp, Wp, C) given its pooled maps; same shape out."""
         if x.shape[1:3] == self._padded(*self.input_resolution):
             key_index, key_mask = self.key_index, self.key_mask
-        else:  # another input size: the layout depends only on the padded size, cached per size and device
-            cache_key = (*x.shape[1:3], x.device)
-            if cache_key not in self._other_layouts:
-                with torch.device("cpu"):  # the geometry's data-dependent operations, whatever the default device
-                    layout = self._key_layout(*x.shape[1:3])
-                self._other_layouts[cache_key] = self.attn.merge_layout(*(t.to(x.device) for t in layout))
-            key_index, key_mask = self._other_layouts[cache_key]
+        else:  # another input size: its layout from the CPU cache, moved to the input's device
+            key_index, key_mask = self.attn.merge_layout(*(t.to(x.device) for t in self._key_layout(*x.shape[1:3])))
         return self.attn(x, pooled, key_index, key_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

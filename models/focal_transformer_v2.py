@@ -231,8 +231,7 @@ class FocalFastBlock(FocalBlock):
     """The v2 block: FocalBlock with top-K attention. ``expand_size`` and ``focal_window`` are unused, as released."""
 
     def __init__(self, *args: Any, top_k: int, **kwargs: Any) -> None:
-        self.top_k = top_k  # a plain attribute, read by _build_attention during FocalBlock.__init__
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, attn_kwargs=dict(top_k=top_k), **kwargs)
 
     def _check_config(self) -> None:
         """Refuse, with the reason, configurations on which the released v2 block crashes."""
@@ -251,10 +250,10 @@ class FocalFastBlock(FocalBlock):
             )
 
     def _build_attention(
-        self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float
+        self, num_heads: int, qkv_bias: bool, qk_scale: float | None, attn_drop: float, proj_drop: float, top_k: int
     ) -> nn.Module:
-        """The top-K attention, built on the CPU (its key choice uses ``topk``, which the meta device cannot run)
-        and moved to the device the model is built on."""
+        """The top-K attention (``top_k`` keys per window and level), built on the CPU (its key choice uses ``topk``,
+        which the meta device cannot run) and moved to the device the model is built on."""
         device = torch.get_default_device()
         with torch.device("cpu"):
             attention = TopKFocalAttention(
@@ -263,7 +262,7 @@ class FocalFastBlock(FocalBlock):
                 self.input_resolution,
                 self.window_size,
                 self.focal_level,
-                self.top_k,
+                top_k,
                 qkv_bias=qkv_bias,
                 qk_scale=qk_scale,
                 attn_drop=attn_drop,

@@ -15,6 +15,7 @@ import torch
 from models import cpu_focal_attention, fused_focal_attention
 from models.cpu_focal_attention import chunked_focal_attention
 from models.focal_attention import attention_path, reference_focal_attention
+from models.focal_transformer import FocalBlock, cached_key_layout
 
 B, MAP, WS, HEADS, HEAD_DIM, KEYS, POOLED = 2, 12, 4, 2, 4, 11, 5
 N_WINDOWS, SOURCE_LEN = (MAP // WS) ** 2, MAP * MAP + POOLED
@@ -109,3 +110,21 @@ def test_attention_path_on_cpu(attn_impl, dropout_p, dtype, path):
 def test_an_implementation_that_cannot_run_the_call_is_refused(attn_impl, dropout_p, dtype, message):
     with pytest.raises(ValueError, match=message):
         attention_path(torch.zeros(1, 4, 4, 24, dtype=dtype), dropout_p, attn_impl)
+
+
+def test_another_input_size_leaves_nothing_on_the_block():
+    """A v1 block attends a map of another size than its resolution through the shared, bounded CPU layout cache: the
+    block gains no state that ``.to()`` and ``state_dict`` would not see, and the result is that of a block built
+    for that size."""
+    torch.manual_seed(0)
+    native = FocalBlock(16, (8, 8), 2, 4, 1, 2, 2, 3, "fc").eval()
+    other = FocalBlock(16, (12, 12), 2, 4, 1, 2, 2, 3, "fc").eval()
+    other.load_state_dict(native.state_dict())
+    attributes = set(vars(native))
+    x = torch.randn(2, 12, 12, 16)
+    with torch.no_grad():
+        out = native(x)
+        torch.testing.assert_close(native(x), out, rtol=0, atol=0)
+        torch.testing.assert_close(out, other(x), rtol=0, atol=0)
+    assert set(vars(native)) == attributes
+    assert cached_key_layout.cache_info().maxsize is not None
