@@ -1,4 +1,5 @@
-"""The pure index and mask builders of models/focal_geometry.py, against the released semantics (SEMANTICS.md)."""
+"""The pure index and mask builders of models/focal_geometry.py against docs/released_semantics.md ("Ring of neighbour
+keys", "Pooled levels", "Masks")."""
 
 from __future__ import annotations
 
