@@ -218,6 +218,7 @@ def _check_shapes(
     pooled_kv: torch.Tensor,
     key_index: torch.Tensor,
     bias: torch.Tensor,
+    mask: torch.Tensor | None,
     window_size: int,
     heads: int,
 ) -> None:
@@ -228,9 +229,15 @@ def _check_shapes(
     if C3 % (3 * heads) or pooled_kv.shape[0] != B or pooled_kv.shape[2] != 2 * C3 // 3:
         raise ValueError(f"qkv {tuple(qkv.shape)} / pooled k/v {tuple(pooled_kv.shape)} do not fit {heads} heads")
     windows = (Hp // window_size) * (Wp // window_size)
-    if key_index.shape[0] != windows or bias.shape != (windows, heads, window_size**2, key_index.shape[1]):
+    per_window = (heads, window_size**2, key_index.shape[1])
+    if (
+        key_index.shape[0] != windows
+        or bias.shape not in ((1, *per_window), (windows, *per_window))
+        or (mask is not None and mask.shape != (windows, 1, *per_window[1:]))
+    ):
+        masks = "" if mask is None else f" / mask {tuple(mask.shape)}"
         raise ValueError(
-            f"key index {tuple(key_index.shape)} / bias {tuple(bias.shape)} do not fit {windows} windows of "
+            f"key index {tuple(key_index.shape)} / bias {tuple(bias.shape)}{masks} do not fit {windows} windows of "
             f"{window_size}x{window_size} and {heads} heads"
         )
 
@@ -363,7 +370,7 @@ def fused_focal_attention(
     the bias plus the mask as one (nW, nH, ws*ws, N) tensor, whose gradient autograd sums back onto ``bias``.
     Gradients of gradients are refused (the backward operator has no derivative).
     """
+    _check_shapes(qkv, pooled_kv, key_index, bias, mask, window_size, num_heads)
     bias = full_bias(bias, mask, key_index.shape[0])  # (nW, nH, ws*ws, N)
-    _check_shapes(qkv, pooled_kv, key_index, bias, window_size, num_heads)
     out, _ = _attention_forward(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)
     return out

@@ -133,6 +133,9 @@ def test_shapes_the_kernels_cannot_take_are_refused():
         fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3, 4, HEADS)
     with pytest.raises(ValueError, match="do not fit 4 windows"):
         fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), None, 0.3, 3, HEADS)
+    mask = torch.zeros(2, 1, 9, 70, device=DEVICE)  # one window short
+    with pytest.raises(ValueError, match=r"mask \(2, 1, 9, 70\) do not fit 4 windows"):
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), mask, 0.3, 3, HEADS)
 
 
 def test_gradients_of_gradients_are_refused():
