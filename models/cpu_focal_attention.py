@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .attention_layout import key_value_rows, map_to_window_heads, window_view
@@ -236,19 +237,12 @@ class PerImageFocalAttention(torch.autograd.Function):
 
 
 def chunked_focal_attention(
-    qkv: torch.Tensor,
-    pooled_kv: torch.Tensor,
-    key_index: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    window_size: int,
-    num_heads: int,
-) -> torch.Tensor:
+    qkv: Tensor, pooled_kv: Tensor, key_index: Tensor, bias: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
     """``focal_attention.reference_focal_attention`` without dropout, image by image and a few windows at a time:
-    the same arguments (``window_size`` is implied by the shapes here) and the same (B, Hp, Wp, C) result."""
+    the same arguments and the same (B, Hp, Wp, C) result."""
     bias, mask = bias.to(qkv.dtype), None if mask is None else mask.to(qkv.dtype)
-    rows = key_value_rows(key_index, num_heads)
+    rows = key_value_rows(key_index, bias.shape[1])  # (2, nW, nH, N)
     if torch.is_grad_enabled() and (qkv.requires_grad or pooled_kv.requires_grad or bias.requires_grad):
         return PerImageFocalAttention.apply(qkv, pooled_kv, rows, bias, mask, scale)
     return ImageAttention(qkv, pooled_kv, rows, bias, mask, scale).forward()

@@ -17,12 +17,13 @@ which leaves the softmax unchanged up to rounding.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from torch import nn
+from torch import Tensor, nn
 
 from . import cpu_focal_attention, fused_focal_attention
 from .attention_layout import full_bias, gather_keys_values, key_value_rows, map_to_window_heads, window_heads_to_map
@@ -51,28 +52,28 @@ def head_scale(dim: int, num_heads: int, qk_scale: float | None) -> float:
 
 
 def reference_focal_attention(
-    qkv: torch.Tensor,
-    pooled_kv: torch.Tensor,
-    key_index: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
+    qkv: Tensor,
+    pooled_kv: Tensor,
+    key_index: Tensor,
+    bias: Tensor,
+    mask: Tensor | None,
     scale: float,
-    window_size: int,
-    num_heads: int,
     dropout_p: float = 0.0,
-) -> torch.Tensor:
+) -> Tensor:
     """softmax(q k^T * scale + bias + mask) v of every window's queries over the keys its index names, as a map.
 
     qkv: (B, Hp, Wp, 3C), the map's q, k, v (heads-major within each); pooled_kv: (B, L_pooled, 2C) in qkv's
     dtype, k then v of the pooled maps (and v1's zero slot); key_index: (nW, N) into the key source [map tokens
     row-major, pooled rows]; bias: (1 or nW, nH, ws*ws, N), shared by the images (and by the windows if its first
-    size is 1); mask: a constant (nW, 1, ws*ws, N) added to it (v1's -100 for keys a query must not see), or None.
-    Returns (B, Hp, Wp, C) in qkv's dtype. The fast paths (``fused_focal_attention.fused_focal_attention``,
-    ``cpu_focal_attention.chunked_focal_attention``) take exactly these arguments but ``dropout_p``, which only
-    the reference applies (to the attention probabilities, as ``scaled_dot_product_attention`` does).
+    size is 1), which gives the head count and the window size; mask: a constant (nW, 1, ws*ws, N) added to it (v1's
+    -100 for keys a query must not see), or None. Returns (B, Hp, Wp, C) in qkv's dtype. The fast paths
+    (``fused_focal_attention.fused_focal_attention``, ``cpu_focal_attention.chunked_focal_attention``) take exactly
+    these arguments but ``dropout_p``, which only the reference applies (to the attention probabilities, as
+    ``scaled_dot_product_attention`` does).
     """
-    C, n_windows = qkv.shape[-1] // 3, key_index.shape[0]
-    q = map_to_window_heads(qkv[..., :C], window_size, num_heads).flatten(1, 2)  # (B, nW*nH, ws*ws, hd)
+    (n_windows, _), (num_heads, n) = key_index.shape, bias.shape[1:3]
+    C = qkv.shape[-1] // 3
+    q = map_to_window_heads(qkv[..., :C], math.isqrt(n), num_heads).flatten(1, 2)  # (B, nW*nH, ws*ws, hd)
     kv_source = torch.cat([qkv[..., C:].flatten(1, 2), pooled_kv], 1)  # (B, L, 2C)
     kv = gather_keys_values(kv_source, key_value_rows(key_index, num_heads))  # (B, 2, nW, nH, N, hd)
     k, v = kv.flatten(2, 3).unbind(1)  # (B, nW*nH, N, hd) each
@@ -83,7 +84,7 @@ def reference_focal_attention(
 
 
 def attention_path(qkv: torch.Tensor, dropout_p: float, attn_impl: str = "auto") -> str:
-    """Which implementation ``windowed_focal_attention`` runs for ``attn_impl``: "reference", "fused" or "chunked".
+    """Which implementation ``attend_and_project`` runs for ``attn_impl``: "reference", "fused" or "chunked".
 
     - "auto" (default): "fused" on CUDA when the kernels support the call (``fused_focal_attention.supports``:
       fp32/bf16/fp16, no attention dropout, deterministic algorithms not asked for), "chunked" on CPU without
@@ -116,32 +117,9 @@ def attention_path(qkv: torch.Tensor, dropout_p: float, attn_impl: str = "auto")
     return attn_impl
 
 
-def windowed_focal_attention(
-    qkv: torch.Tensor,
-    pooled_kv: torch.Tensor,
-    key_index: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    window_size: int,
-    num_heads: int,
-    dropout_p: float = 0.0,
-    attn_impl: str = "auto",
-) -> torch.Tensor:
-    """``reference_focal_attention``'s result, computed by the implementation ``attention_path`` picks."""
-    path = attention_path(qkv, dropout_p, attn_impl)
-    if path == "fused":
-        attend = fused_focal_attention.fused_focal_attention
-    elif path == "chunked":
-        attend = cpu_focal_attention.chunked_focal_attention
-    else:
-        attend = partial(reference_focal_attention, dropout_p=dropout_p)
-    return attend(qkv, pooled_kv.to(qkv.dtype), key_index, bias, mask, scale, window_size, num_heads)
-
-
 class KeyIndexedAttention(nn.Module):
     """What v1's ``FocalWindowAttention`` and v2's ``TopKFocalAttention`` share: the qkv projection of the map and
-    of the pooled maps, the attention of every window to the keys its index names (``windowed_focal_attention``)
+    of the pooled maps, the attention of every window to the keys its index names (``attend_and_project``)
     and the output projection.
 
     Subclasses own the parameters (``qkv``, ``proj``, ``proj_drop``) and attributes (``dim``, ``scale``,
@@ -170,18 +148,14 @@ class KeyIndexedAttention(nn.Module):
         pooled_kv = [F.linear(p, kv_weight, kv_bias).flatten(1, 2) for p in pooled]  # (B, h_l*w_l, 2C) each
         pooled_kv = torch.cat([*pooled_kv, qkv.new_zeros(x.shape[0], self.zero_slots, 2 * C)], 1)  # (B, L_pooled, 2C)
         dropout_p = self.attn_drop if self.training else 0.0
-        out = windowed_focal_attention(
-            qkv,
-            pooled_kv,
-            key_index,
-            bias,
-            mask,
-            self.scale,
-            self.window_size,
-            self.num_heads,
-            dropout_p,
-            self.attn_impl,
-        )
+        path = attention_path(qkv, dropout_p, self.attn_impl)
+        if path == "fused":
+            attend = fused_focal_attention.fused_focal_attention
+        elif path == "chunked":
+            attend = cpu_focal_attention.chunked_focal_attention
+        else:
+            attend = partial(reference_focal_attention, dropout_p=dropout_p)
+        out = attend(qkv, pooled_kv.to(qkv.dtype), key_index, bias, mask, self.scale)  # (B, Hp, Wp, C)
         return self.proj_drop(self.proj(out))
 
 

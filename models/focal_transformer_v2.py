@@ -12,7 +12,7 @@ no padding, no ring and no mask. Exact behaviour: docs/released_semantics.md, fr
 to "Focal-fast valid configurations", the "focal-fast level >= 2 quirk" included.
 
 Deviations from the released code (none change an output of a configuration the release can run):
-- the keys of all levels are read through one index by v1's attention (``windowed_focal_attention``: the
+- the keys of all levels are read through one index by v1's attention (``KeyIndexedAttention``: the
   fused Triton kernels on CUDA, image by image on CPU);
 - configurations on which the release crashes raise a ValueError at construction: focal level 0, a focal level
   above 1 without a pooled map, a stage resolution above the window that is not a multiple of it (there is no

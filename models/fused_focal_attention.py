@@ -25,8 +25,10 @@ through Triton's interpreter.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+from torch import Tensor
 
 from .attention_layout import full_bias
 
@@ -356,20 +358,14 @@ _attention_forward.register_autograd(_backward, setup_context=_save_for_backward
 
 
 def fused_focal_attention(
-    qkv: torch.Tensor,
-    pooled_kv: torch.Tensor,
-    key_index: torch.Tensor,
-    bias: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    window_size: int,
-    num_heads: int,
-) -> torch.Tensor:
+    qkv: Tensor, pooled_kv: Tensor, key_index: Tensor, bias: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
     """``focal_attention.reference_focal_attention`` without dropout, keys read through ``key_index`` by the kernels:
     the same arguments and the same (B, Hp, Wp, C) result in qkv's dtype; see the module docstring. The kernels read
     the bias plus the mask as one (nW, nH, ws*ws, N) tensor, whose gradient autograd sums back onto ``bias``.
     Gradients of gradients are refused (the backward operator has no derivative).
     """
+    num_heads, window_size = bias.shape[1], math.isqrt(bias.shape[2])
     _check_shapes(qkv, pooled_kv, key_index, bias, mask, window_size, num_heads)
     bias = full_bias(bias, mask, key_index.shape[0])  # (nW, nH, ws*ws, N)
     out, _ = _attention_forward(qkv, pooled_kv, key_index, bias, scale, window_size, num_heads)

@@ -58,7 +58,7 @@ def test_chunked_attention_matches_the_reference(trainable, windows_per_chunk, s
         for position in trainable:
             tensors[position].requires_grad_(True)
         qkv, pooled_kv, key_index, bias, mask = tensors
-        out = attend(qkv, pooled_kv, key_index, bias, mask, scale, WS, HEADS)
+        out = attend(qkv, pooled_kv, key_index, bias, mask, scale)
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         (out * weights).sum().backward()
         grads.append((out.detach(), [tensors[position].grad for position in trainable]))
@@ -72,8 +72,8 @@ def test_chunked_attention_matches_the_reference(trainable, windows_per_chunk, s
 def test_inference_path_matches_training_path():
     qkv, pooled_kv, key_index, bias, mask = inputs(shared_bias=True)
     with torch.no_grad():
-        inference = chunked_focal_attention(qkv, pooled_kv, key_index, bias, mask, 0.5, WS, HEADS)
-    training = chunked_focal_attention(qkv.requires_grad_(True), pooled_kv, key_index, bias, mask, 0.5, WS, HEADS)
+        inference = chunked_focal_attention(qkv, pooled_kv, key_index, bias, mask, 0.5)
+    training = chunked_focal_attention(qkv.requires_grad_(True), pooled_kv, key_index, bias, mask, 0.5)
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
 
 

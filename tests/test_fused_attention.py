@@ -19,9 +19,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, HEADS = 3, 2
 
 
-def reference(qkv, pooled_kv, key_index, bias, scale, window_size, mask=None):
+def reference(qkv, pooled_kv, key_index, bias, scale, mask=None):
     """The reference attention (float64 here): (B, Hp, Wp, C)."""
-    return reference_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale, window_size, HEADS)
+    return reference_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale)
 
 
 def inputs(window_size: int, windows_per_side: int, num_keys: int, head_dim: int, seed: int = 0):
@@ -52,12 +52,9 @@ SHAPE_IDS = [f"ws{s[0]}-nw{s[1] ** 2}-keys{s[2]}-hd{s[3]}" for s in SHAPES]
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_forward_matches_gathered_attention(shape):
-    window_size = shape[0]
     qkv, pooled_kv, key_index, bias = inputs(*shape)
-    expected = reference(qkv, pooled_kv, key_index, bias, 0.3, window_size)
-    out = fused.fused_focal_attention(
-        qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3, window_size, HEADS
-    )
+    expected = reference(qkv, pooled_kv, key_index, bias, 0.3)
+    out = fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3)
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert (out.double() - expected).abs().max().item() < 1e-5
 
@@ -72,7 +69,7 @@ def test_shared_bias_and_mask_match_the_reference():
     outs, grads = [], []
     for attend, dtype in ((reference, torch.float64), (attend_fused, torch.float32)):
         leaf = bias.detach().to(dtype).requires_grad_(True)
-        out = attend(qkv.to(dtype), pooled_kv.to(dtype), key_index, leaf, 0.3, 4, mask=mask.to(dtype))
+        out = attend(qkv.to(dtype), pooled_kv.to(dtype), key_index, leaf, 0.3, mask=mask.to(dtype))
         out.square().sum().backward()
         outs.append(out.double())
         grads.append(leaf.grad.double())
@@ -80,21 +77,20 @@ def test_shared_bias_and_mask_match_the_reference():
     assert ((grads[0] - grads[1]).abs().max() / grads[0].abs().max()).item() < 1e-5
 
 
-def attend_fused(qkv, pooled_kv, key_index, bias, scale, window_size, mask=None):
-    return fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale, window_size, HEADS)
+def attend_fused(qkv, pooled_kv, key_index, bias, scale, mask=None):
+    return fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, mask, scale)
 
 
 @pytest.mark.parametrize("target_programs", [1, 10**6], ids=["all-images-per-program", "one-image-per-program"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_backward_matches_autograd(shape, target_programs, monkeypatch):
     monkeypatch.setattr(fused, "TARGET_PROGRAMS", target_programs)
-    window_size = shape[0]
     qkv, pooled_kv, key_index, bias = inputs(*shape, seed=1)
     grad_out = torch.randn(*qkv.shape[:3], qkv.shape[-1] // 3, dtype=torch.float64, device=DEVICE)
 
     def gradients(attend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (qkv, pooled_kv, bias)]
-        attend(*leaves[:2], key_index, leaves[2], 0.3, window_size).backward(grad_out.to(dtype))
+        attend(*leaves[:2], key_index, leaves[2], 0.3).backward(grad_out.to(dtype))
         return [leaf.grad.double() for leaf in leaves]
 
     expected = gradients(reference, torch.float64)
@@ -112,9 +108,9 @@ HALF_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.fl
 @pytest.mark.parametrize("bias_dtype", ["float32", "same"])  # focal-fast's MLP bias is half precision under autocast
 def test_half_precision_forward_is_close(dtype, bias_dtype):
     qkv, pooled_kv, key_index, bias = inputs(4, 2, 70, 32, seed=2)
-    expected = reference(qkv, pooled_kv, key_index, bias, 0.3, 4)
+    expected = reference(qkv, pooled_kv, key_index, bias, 0.3)
     bias = bias.float() if bias_dtype == "float32" else bias.to(dtype)
-    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias, None, 0.3, 4, HEADS)
+    out = fused.fused_focal_attention(qkv.to(dtype), pooled_kv.to(dtype), key_index, bias, None, 0.3)
     assert out.dtype == dtype
     relative = ((out.double() - expected).norm() / expected.norm()).item()
     assert relative < 1e-2
@@ -129,19 +125,20 @@ def test_supports_only_what_the_kernels_take():
 
 def test_shapes_the_kernels_cannot_take_are_refused():
     qkv, pooled_kv, key_index, bias = inputs(3, 2, 70, 16)
+    window_bias_of_4 = torch.zeros(4, HEADS, 16, 70, device=DEVICE)  # the bias gives the window size: 4x4 here
     with pytest.raises(ValueError, match="windows of 4 tile"):
-        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), None, 0.3, 4, HEADS)
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, window_bias_of_4, None, 0.3)
     with pytest.raises(ValueError, match="do not fit 4 windows"):
-        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), None, 0.3, 3, HEADS)
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index[:3], bias.float(), None, 0.3)
     mask = torch.zeros(2, 1, 9, 70, device=DEVICE)  # one window short
     with pytest.raises(ValueError, match=r"mask \(2, 1, 9, 70\) do not fit 4 windows"):
-        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), mask, 0.3, 3, HEADS)
+        fused.fused_focal_attention(qkv.float(), pooled_kv.float(), key_index, bias.float(), mask, 0.3)
 
 
 def test_gradients_of_gradients_are_refused():
     qkv, pooled_kv, key_index, bias = (t.float() if t.is_floating_point() else t for t in inputs(3, 2, 70, 16))
     qkv.requires_grad_(True)
-    out = fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, None, 0.3, 3, HEADS)
+    out = fused.fused_focal_attention(qkv, pooled_kv, key_index, bias, None, 0.3)
     (grad,) = torch.autograd.grad(out.sum(), qkv, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
