@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,3 +42,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     stats = terminalreporter.stats
     counts = {label: len(stats.get(key, [])) for key, label in STATS_LABELS.items()}
     terminalreporter.write_line("test counts: " + ", ".join(f"{count} {label}" for label, count in counts.items()))
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the toy data of one test module (generated on first use by the runs that name it)."""
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(autouse=True)
+def _close_run_logger():
+    """In-process runs (``main.main``) attach handlers to the 'focal' logger; close them after each test."""
+    yield
+    logger = logging.getLogger("focal")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()

@@ -28,11 +28,6 @@ MIXING = {"none": (0.0, 0.0), "mixup": (0.8, 0.0), "cutmix": (0.0, 1.0), "both":
 SMOOTHING = [0.0, 0.1]
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("toy")
-
-
 def _config(toy_root: Path, mixing: str, smoothing: float):
     """The default recipe on a tiny toy set, with Mixup/CutMix and label smoothing set as given."""
     cfg = get_default_config()

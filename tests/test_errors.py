@@ -8,7 +8,6 @@ status), on the tiny demo model and toy data of ``tests/launch.py``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -24,21 +23,6 @@ from launch import main_args
 import main as trainer
 from utils import distributed
 from utils.errors import CollectiveError, FocalError
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy")
-
-
-@pytest.fixture(autouse=True)
-def _close_run_logger():
-    """In-process runs attach handlers to the 'focal' logger; close them after each test."""
-    yield
-    logger = logging.getLogger("focal")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
 
 
 def _main(output: Path, toy_root: Path, *extra: str, opts: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ status); the checkpoint is the demo model's fresh weights plus a perturbed copy 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import zipfile
 from pathlib import Path
@@ -24,16 +23,6 @@ from tools.convert_checkpoint import main as convert
 from utils.checkpoint import load_checkpoint_file
 
 VAL_PER_CLASS = 3
-
-
-@pytest.fixture(autouse=True)
-def _close_run_logger():
-    """In-process runs attach handlers to the 'focal' logger; close them after each test."""
-    yield
-    logger = logging.getLogger("focal")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
 
 
 @pytest.fixture(scope="module")

@@ -42,21 +42,6 @@ STEPS_1, STEPS_2 = 40, 20
 TIMING_KEYS = {"epoch_time", "images_per_s"}
 
 
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy")
-
-
-@pytest.fixture(autouse=True)
-def _close_run_logger():
-    """In-process runs attach handlers to the 'focal' logger; close them after each test."""
-    yield
-    logger = logging.getLogger("focal")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-
-
 class Run:
     """main.py started in the background (alone or under torchrun), its output collected line by line.
 

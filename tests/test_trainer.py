@@ -19,11 +19,6 @@ from lr_scheduler import LRSchedule
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy")
-
-
-@pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, toy_root) -> Path:
     """A 2-process torchrun run of the demo config for 2 epochs."""
     output = tmp_path_factory.mktemp("run")

@@ -16,11 +16,6 @@ ONE_EPOCH = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"]
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy")
-
-
-@pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory, toy_root) -> Path:
     """A finished one-epoch training run (the 'pretraining')."""
     output = tmp_path_factory.mktemp("pretrain")

@@ -30,17 +30,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from utils.errors import ToolError, one_line_exit  # noqa: E402
+
 logger = logging.getLogger("export")
 
 FORMATS = ("pt2", "onnx")
 
 
-class ExportError(Exception):
+class ExportError(ToolError):
     """Bad input, or an export whose outputs differ from eager: reported in one line with ``status``."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -171,11 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """Command line: bad input or a failed check ends the program with one line on stderr (2 for flags, else 1)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_exit("export"):
         return export(args)
-    except ExportError as error:
-        sys.stderr.write(f"export: error: {error}\n")
-        raise SystemExit(error.status) from None
 
 
 if __name__ == "__main__":

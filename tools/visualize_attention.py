@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from models.focal_attention import FocalWindowAttention  # noqa: E402
 from models.focal_geometry import PooledLevel, pooled_level  # noqa: E402
 from models.focal_transformer import FocalBlock, FocalTransformer  # noqa: E402
+from utils.errors import ToolError, one_line_exit  # noqa: E402
 
 logger = logging.getLogger("visualize_attention")
 
@@ -335,12 +336,8 @@ def visualize_attention(
 
 
 # ---- command line -------------------------------------------------------------------------------------
-class InputError(Exception):
+class InputError(ToolError):
     """Bad input (a path, a name, a checkpoint that does not fit): reported in one line with ``status``."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _checkpoints_below(folder: Path) -> list[Path]:
@@ -461,11 +458,8 @@ def main(argv: Sequence[str] | None = None) -> list[QueryAttention]:
     """Command line: bad input ends the program with one line on stderr (exit status 2 for flags, else 1)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_exit("visualize_attention"):
         return run(args)
-    except InputError as error:
-        sys.stderr.write(f"visualize_attention: error: {error}\n")
-        raise SystemExit(error.status) from None
 
 
 if __name__ == "__main__":

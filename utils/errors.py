@@ -9,6 +9,10 @@ had before (``ValueError``, ``FileNotFoundError``, ``RuntimeError``), so callers
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 __all__ = [
     "CheckpointError",
     "CollectiveError",
@@ -20,7 +24,9 @@ __all__ = [
     "MissingCheckpointError",
     "MissingDataError",
     "NonFiniteLossError",
+    "ToolError",
     "UnsafeCheckpointError",
+    "one_line_exit",
 ]
 
 
@@ -68,3 +74,22 @@ class NonFiniteLossError(FocalError, RuntimeError):
 
 class CollectiveError(FocalError, RuntimeError):
     """A collective failed, most likely because another rank died or timed out."""
+
+
+class ToolError(FocalError):
+    """Bad input to a command-line tool (``tools/``), or a check it failed: one line on stderr, exit ``status``
+    (2 for flags, 1 for files and failed checks)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@contextlib.contextmanager
+def one_line_exit(program: str) -> Iterator[None]:
+    """Around a tool's work: a ``ToolError`` ends the program with ``program: error: message`` and its status."""
+    try:
+        yield
+    except ToolError as error:
+        sys.stderr.write(f"{program}: error: {error}\n")
+        raise SystemExit(error.status) from None
