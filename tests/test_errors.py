@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from launch import main_args
+from launch import free_port, main_args
 
 import main as trainer
 from utils import distributed
@@ -195,12 +194,6 @@ def test_collective_helpers_pass_results_through_when_the_backend_works(single_p
     distributed.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_whose_peer_dies(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -223,7 +216,7 @@ def _rank_whose_peer_dies(rank: int, port: int, out_dir: str) -> None:
 def test_the_survivor_of_a_dead_rank_gets_collective_error(tmp_path):
     """A real 2-process gloo group: rank 1 dies, rank 0's next all-reduce raises CollectiveError (gloo itself
     raises a plain RuntimeError)."""
-    mp.start_processes(_rank_whose_peer_dies, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_rank_whose_peer_dies, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert (result["type"], result["cause"]) == ("CollectiveError", "RuntimeError"), result
     assert result["message"].startswith("all_reduce failed: "), result

@@ -21,7 +21,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import config
 import models
-from data.transforms import build_transform
+from data.transforms import EVAL_CROP_PCT, build_transform
 from models import focal_transformer as focal_transformer_module
 
 VARIANTS = list(models.FOCAL_VARIANTS)
@@ -56,18 +56,20 @@ def test_pretrained_cfg_is_the_evaluation_protocol(name):
     model = tiny(name)
     cfg = model.pretrained_cfg
     assert model.default_cfg is cfg
-    expected = dict(
-        num_classes=1000,
-        input_size=(3, 224, 224),
-        pool_size=(7, 7),
-        crop_pct=0.875,
-        interpolation="bicubic",
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj",
-        classifier="head",
-        fixed_input_size=name in V2,  # v2's top-K key indices are fixed at construction
-    )
+    defaults = config.get_default_config()  # the protocol main.py --eval follows
+    size = defaults.DATA.IMG_SIZE
+    expected = {
+        "num_classes": defaults.MODEL.NUM_CLASSES,
+        "input_size": (3, size, size),
+        "pool_size": (size // 32, size // 32),  # the last stage's stride
+        "crop_pct": EVAL_CROP_PCT,
+        "interpolation": defaults.DATA.INTERPOLATION,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "fixed_input_size": name in V2,  # v2's top-K key indices are fixed at construction
+    }
     assert {key: cfg.get(key) for key in expected} == expected
     state_dict = model.state_dict()
     assert "patch_embed.proj.weight" in state_dict and "head.weight" in state_dict

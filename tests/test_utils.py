@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launch import free_port
 from yacs.config import CfgNode
 
 from config import get_default_config
@@ -108,12 +108,6 @@ def test_single_process_without_torchrun(monkeypatch, world_size):
     distributed.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -129,7 +123,7 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo path is the CPU one")
 def test_two_gloo_processes_sum_across_ranks(tmp_path):
     # fork: the workers inherit the imported modules instead of importing torch again.
-    mp.start_processes(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_distributed_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     results = [json.loads(_read(tmp_path / f"rank{rank}.json")) for rank in range(2)]
     assert [r["sum"] for r in results] == [3.0, 3.0]
     assert [r["main"] for r in results] == [True, False]

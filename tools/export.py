@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils.errors import ToolError, one_line_exit  # noqa: E402
+from utils.errors import ToolError, run_tool  # noqa: E402
 
 logger = logging.getLogger("export")
 
@@ -167,10 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """Command line: bad input or a failed check ends the program with one line on stderr (2 for flags, else 1)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with one_line_exit("export"):
-        return export(args)
+    return run_tool("export", export, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from models.focal_attention import FocalWindowAttention  # noqa: E402
 from models.focal_geometry import PooledLevel, pooled_level  # noqa: E402
 from models.focal_transformer import FocalBlock, FocalTransformer  # noqa: E402
-from utils.errors import ToolError, one_line_exit  # noqa: E402
+from utils.errors import ToolError, run_tool  # noqa: E402
 
 logger = logging.getLogger("visualize_attention")
 
@@ -456,10 +456,7 @@ def run(args: argparse.Namespace) -> list[QueryAttention]:
 
 def main(argv: Sequence[str] | None = None) -> list[QueryAttention]:
     """Command line: bad input ends the program with one line on stderr (exit status 2 for flags, else 1)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with one_line_exit("visualize_attention"):
-        return run(args)
+    return run_tool("visualize_attention", run, parse_args(argv))
 
 
 if __name__ == "__main__":

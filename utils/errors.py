@@ -10,8 +10,12 @@ had before (``ValueError``, ``FileNotFoundError``, ``RuntimeError``), so callers
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "CheckpointError",
@@ -27,6 +31,7 @@ __all__ = [
     "ToolError",
     "UnsafeCheckpointError",
     "one_line_exit",
+    "run_tool",
 ]
 
 
@@ -93,3 +98,10 @@ def one_line_exit(program: str) -> Iterator[None]:
     except ToolError as error:
         sys.stderr.write(f"{program}: error: {error}\n")
         raise SystemExit(error.status) from None
+
+
+def run_tool(program: str, work: Callable[[Any], T], args: Any) -> T:
+    """A tool's ``main``: log to stderr, run ``work(args)``; a ``ToolError`` is one line and its exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with one_line_exit(program):
+        return work(args)
