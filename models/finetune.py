@@ -25,9 +25,9 @@ How each kind of tensor is resized (one choice per kind, in the spirit of Swin's
 - A ring table the source block did not have (its window covered the whole map at the source size) keeps
   its fresh initialisation; a ring table the target block does not have is dropped.
 
-Derived buffers (``checkpoint_loading.RELEASED_BUFFER_NAME``: ``relative_position_index``, ``valid_ind_rolled``, ``attn_mask``,
-``relative_position_index_k``, ``valid_ind_unfold_k``) are always dropped:
-the target model rebuilds them from its configuration.
+Derived buffers (``checkpoint_loading.RELEASED_BUFFER_NAME``: ``relative_position_index``, ``valid_ind_rolled``,
+``attn_mask``, ``relative_position_index_k``, ``valid_ind_unfold_k``) are always dropped: the target model rebuilds
+them from its configuration.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import nn
 
 from .checkpoint_loading import RELEASED_BUFFER_NAME, CheckpointMismatchError, key_problems, unwrap_state_dict
 from .focal_geometry import ring_offsets
+from .focal_transformer import resize_pos_embed
 
 _WINDOW_TABLE = re.compile(r"\.relative_position_bias_table$")
 _POOLED_TABLE = re.compile(r"\.relative_position_bias_table_to_windows\.\d+$")
@@ -150,11 +151,10 @@ def resize_pool_weight(weight: torch.Tensor, cell: int) -> torch.Tensor:
 
 
 def resize_abs_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(1, N, C) square-grid absolute position embedding -> (1, num_tokens, C)."""
-    side = _square_side(pos_embed.shape[1], "absolute_pos_embed")
-    new_side = _square_side(num_tokens, "target absolute_pos_embed")
-    grids = pos_embed[0].t().reshape(-1, side, side)  # (C, side, side)
-    return resize_grids(grids, new_side).reshape(-1, num_tokens).t()[None].contiguous()
+    """(1, N, C) square-grid absolute position embedding -> (1, num_tokens, C) (the model's ``resize_pos_embed``)."""
+    _square_side(pos_embed.shape[1], "absolute_pos_embed")
+    side = _square_side(num_tokens, "target absolute_pos_embed")
+    return resize_pos_embed(pos_embed, side, side).reshape(1, num_tokens, -1).contiguous()
 
 
 # ---- state dict adaptation -------------------------------------------------------------------------------

@@ -390,7 +390,10 @@ GLOBAL_POOLS = ("avg", "")  # the head's pooling: mean over the token map, or no
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(1, N, C) square absolute position embedding -> (1, height, width, C), bicubic when the size differs."""
+    """(1, N, C) square absolute position embedding -> (1, height, width, C), bicubic when the size differs.
+
+    Kept instead of timm's ``resample_abs_pos_embed``: it computes in float32 (the fp64 checks need fp64) and
+    antialiases by default."""
     side = math.isqrt(pos_embed.shape[1])
     grid = pos_embed.view(1, side, side, -1)
     if (side, side) == (height, width):
