@@ -7,12 +7,13 @@ torchrun provides RANK / WORLD_SIZE / LOCAL_RANK; plain ``python main.py`` runs 
 there is no GPU). Everything a run writes lands in <OUTPUT>/<MODEL.NAME>/<TAG>/.
 
 Reliability: a run restarted with the same command resumes from the newest valid checkpoint and ends
-bit for bit where an uninterrupted run would (the checkpoint holds the model, optimizer, scheduler,
-loss scale, position within the epoch and every rank's RNG state). SIGTERM or SIGUSR1 makes every
-rank finish its step, write a checkpoint at that step and exit 0; torchrun forwards SIGTERM to the
-workers (add ``--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` for SIGUSR1, and raise
-``--shutdown-timeout`` above 30 s if saving takes longer). Bad input ends the run with a one-line error
-and exit status 1 (2 for command-line and config errors); the full traceback goes to the rank's log file.
+bit for bit where an uninterrupted run would (what a checkpoint holds and which one is resumed: ``resume.py``).
+SIGTERM, SIGUSR1 or SIGINT (Ctrl-C; a second one aborts) makes every rank finish its step, write a checkpoint
+at that step and exit 0; torchrun forwards SIGTERM and SIGINT to the workers (add ``--signals-to-handle
+SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` for SIGUSR1, and raise ``--shutdown-timeout`` above 30 s if saving takes
+longer). Bad input and failed collectives (``utils/errors.py``) end the run with a one-line error and exit status 1
+(2 for command-line and config errors), the full traceback in the rank's log file; any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
