@@ -19,7 +19,6 @@ and ``--onnx-atol`` (.onnx). Writes ``<output>.pt2`` and ``<output>.onnx``; load
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from tools.model_flags import model_from_flags  # noqa: E402
 from utils.errors import ToolError, run_tool  # noqa: E402
 
 logger = logging.getLogger("export")
@@ -43,27 +43,11 @@ class ExportError(ToolError):
 
 def build_model(args: argparse.Namespace) -> nn.Module:
     """The model ``--model`` / ``--cfg`` names, with ``--checkpoint`` loaded strictly, in eval mode."""
-    import timm
-
     import models
     from models.checkpoint_loading import CheckpointMismatchError
     from utils.checkpoint import CheckpointError, load_checkpoint_file
 
-    if args.cfg:
-        from config import ConfigError, get_config
-
-        try:
-            model = models.build_model(get_config(argparse.Namespace(cfg=args.cfg, opts=args.opts)))
-        except ConfigError as error:
-            raise ExportError(str(error), status=2) from None
-    else:
-        if not timm.is_model(args.model) or args.model not in models.FOCAL_VARIANTS:
-            raise ExportError(f"--model {args.model} is not a registered Focal variant", status=2)
-        try:
-            model_args = json.loads(args.model_args)
-        except ValueError as error:
-            raise ExportError(f"--model-args is not JSON: {error}", status=2) from None
-        model = timm.create_model(args.model, **model_args)
+    model = model_from_flags(args)
     if args.checkpoint:
         try:
             models.load_official_weights(model, load_checkpoint_file(str(args.checkpoint)))

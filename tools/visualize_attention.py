@@ -17,7 +17,6 @@ coloured by weight.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from models.focal_attention import FocalWindowAttention  # noqa: E402
 from models.focal_geometry import PooledLevel, pooled_level  # noqa: E402
 from models.focal_transformer import FocalBlock, FocalTransformer  # noqa: E402
+from tools.model_flags import model_from_flags  # noqa: E402
 from utils.errors import ToolError, run_tool  # noqa: E402
 
 logger = logging.getLogger("visualize_attention")
@@ -376,26 +376,7 @@ def _shortened(error: Exception, limit: int = 4) -> str:
 
 def build_model(args: argparse.Namespace) -> FocalTransformer:
     """The model named by ``--model`` / ``--model-args`` or ``--cfg`` / ``--opts``, with ``--checkpoint`` loaded."""
-    if args.cfg:
-        from config import ConfigError, get_config
-        from models import build_model as build_from_config
-
-        try:
-            model = build_from_config(get_config(argparse.Namespace(cfg=args.cfg, opts=args.opts)))
-        except ConfigError as error:
-            raise InputError(str(error), status=2) from None
-    else:
-        import timm
-
-        import models  # noqa: F401  (registers the Focal variants with timm)
-
-        if not timm.is_model(args.model):
-            raise InputError(f"--model {args.model} is not a registered model", status=2)
-        try:
-            model_args = json.loads(args.model_args)
-        except ValueError as error:
-            raise InputError(f"--model-args is not JSON: {error}", status=2) from None
-        model = timm.create_model(args.model, **model_args)
+    model = model_from_flags(args)
     v1_blocks = isinstance(model, FocalTransformer) and all(
         isinstance(block.attn, FocalWindowAttention) for stage in model.layers for block in stage.blocks
     )
