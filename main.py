@@ -140,7 +140,9 @@ def _build_trainer(config, dist_info: DistInfo, model: nn.Module, logger: loggin
         # a collective there would fail untyped (a plain RuntimeError under gloo) when another rank dies.
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
-    gradient_sync = GradientSyncWatch().attach(model) if dist_info.is_distributed and device.type == "cpu" else None
+    # gloo fails collectives with untyped RuntimeErrors (NCCL raises DistError subclasses itself).
+    gloo = dist_info.is_distributed and dist.get_backend() == dist.Backend.GLOO
+    gradient_sync = GradientSyncWatch().attach(model) if gloo else None
     if config.TRAIN.COMPILE:
         model = torch.compile(model)
     ema = ModelEma(model_without_ddp, config.MODEL_EMA_DECAY, config.MODEL_EMA_WARMUP) if config.MODEL_EMA else None
